@@ -1,0 +1,42 @@
+"""Shared fixtures: where the models and the development data live, and dlib when it is installed."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_FILES = (
+    "deploy.prototxt",
+    "res10_300x300_ssd_iter_140000.caffemodel",
+    "dlib_face_recognition_resnet_model_v1.onnx",
+    "shape_predictor_5_face_landmarks.npz",
+)
+SHARED_DATA = Path(os.environ.get("EDGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The models folder filled by `make models`; tests need the real models, so a missing one is an error."""
+    from engines.fetch import default_models_dir
+
+    path = default_models_dir()
+    missing = [name for name in MODEL_FILES if not (path / name).exists()]
+    if missing:
+        pytest.fail(f"models missing in {path} ({', '.join(missing)}): run `make models` first")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """Development photos and video (../shared/data); tests that need them skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"development data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def dlib():
+    """dlib (dev dependency `dlib-bin`) for parity tests: they skip, not fail, without it."""
+    return pytest.importorskip("dlib")
