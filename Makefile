@@ -1,0 +1,60 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Everything installs itself into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+VENV_FLAGS ?=
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+MODELS_STAMP := models/manifest.json
+CONFIG ?= config.yaml
+export OMP_NUM_THREADS ?= 1
+export OPENBLAS_NUM_THREADS ?= 1
+
+.PHONY: help venv dev models test demo bench engine run doctor install uninstall clean
+
+help:
+	@echo "make demo      set up, fetch models, run the pipeline on bundled samples (simulated door)"
+	@echo "make test      set up with test deps and run the test suite"
+	@echo "make models    fetch + sha256-verify + convert the models (offline once done)"
+	@echo "make bench     per-stage timings against face_recognition measured in the same run"
+	@echo "make engine    build the TensorRT engine (Jetson / NVIDIA GPU)"
+	@echo "make run       run the door controller with $(CONFIG) on the real camera and GPIO"
+
+$(RUNTIME_STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps face_recognition==1.3.0
+	touch $@
+
+venv: $(RUNTIME_STAMP)
+dev: $(DEV_STAMP)
+
+models: $(RUNTIME_STAMP)
+	$(PY) -m engines.fetch
+
+test: dev models
+	$(PY) -m pytest
+
+demo: models
+	$(PY) -m edge demo
+
+bench: dev models
+	$(PY) -m edge bench
+
+engine: models
+	$(PY) -m edge build-engine
+
+run: models
+	$(PY) -m edge run --config $(CONFIG)
+
+doctor: models
+	$(PY) -m edge doctor --config $(CONFIG)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

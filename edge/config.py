@@ -1,0 +1,79 @@
+"""Typed configuration: every field has a bound, a default and a one-line description; unknown keys are errors."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DetectorConfig(Section):
+    confidence: float = Field(0.5, ge=0.05, le=0.99, description="res10 SSD score needed to keep a box")
+    nms_iou: float = Field(0.4, ge=0.1, le=0.9, description="boxes overlapping more than this IoU are merged (NMS)")
+    min_face_px: int = Field(40, ge=16, le=1000, description="ignore faces whose box is narrower than this")
+    max_side_px: int = Field(640, ge=300, le=4096, description="images are downscaled to this longest side before detection")
+    max_overhang: float = Field(0.1, ge=0.0, le=0.5, description="reject boxes extending further past the image edge (fraction of box size)")
+    max_aspect: float = Field(2.0, ge=1.2, le=4.0, description="reject boxes whose height/width (or width/height) exceeds this")
+
+
+class EmbedderConfig(Section):
+    backend: Literal["auto", "onnxruntime", "opencv", "tensorrt"] = Field(
+        "auto", description="embedding backend; auto = TensorRT when a matching engine exists, else ONNX Runtime"
+    )
+    threads: int = Field(1, ge=1, le=64, description="CPU threads for the embedding backend (1 is fastest on 2-4 cores)")
+    max_batch: int = Field(8, ge=1, le=64, description="most faces embedded in one forward pass")
+
+
+class MatchConfig(Section):
+    threshold_l2: float = Field(0.6, gt=0.0, le=2.0, description="accept when the L2 distance between unit embeddings is below this")
+    margin_l2: float = Field(0.05, ge=0.0, le=1.0, description="the best person must beat the second best by at least this")
+
+
+class Config(Section):
+    models_dir: Path | None = Field(None, description="model folder (default: $EDGE_MODELS_DIR or ./models)")
+    detector: DetectorConfig = Field(default_factory=DetectorConfig, description="face detector settings")
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="embedding backend settings")
+    match: MatchConfig = Field(default_factory=MatchConfig, description="matching thresholds")
+
+    def resolved_models_dir(self) -> Path:
+        from engines.fetch import default_models_dir
+
+        return self.models_dir or default_models_dir()
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    return f"{where}: {first['msg']}"
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Config from a YAML file (None → all defaults); any problem is one ConfigError line naming the key."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"config file {path}: {_describe(err)}") from None

@@ -1,0 +1,64 @@
+"""The recognition chain for one image: detect → landmarks → align → embed (the kiosk adds match/decide/door)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge.align import align_chip
+from edge.config import Config
+from edge.detect import FaceDetector
+from edge.embed import CHIP_PX, Embedder, create_embedder
+from edge.landmarks import LandmarkPredictor, predictor_boxes
+from edge.types import EmbeddedFace, Face
+
+LANDMARKS_FILE = "shape_predictor_5_face_landmarks.npz"
+
+
+class Pipeline:
+    """Owns the three models; `last_ms` holds the per-stage milliseconds of the latest call (for bench/logs)."""
+
+    def __init__(self, config: Config, *, embedder: Embedder | None = None) -> None:
+        self.config = config
+        models_dir = config.resolved_models_dir()
+        self.detector = FaceDetector(models_dir=models_dir, config=config.detector)
+        self.landmarks = LandmarkPredictor(npz_path=Path(models_dir) / LANDMARKS_FILE)
+        self.embedder = embedder or create_embedder(config.embedder, models_dir)
+        self.last_ms: dict[str, float] = {}
+
+    def _tick(self, stage: str, start: float) -> float:
+        now = time.perf_counter()
+        self.last_ms[stage] = (now - start) * 1e3
+        return now
+
+    def locate(self, image: np.ndarray) -> list[Face]:
+        """Faces with 5-point landmarks, largest first."""
+        self.last_ms = {}
+        start = time.perf_counter()
+        found = self.detector.detect(image)
+        start = self._tick("detect", start)
+        if not found:
+            self.last_ms["landmarks"] = 0.0
+            return []
+        points = self.landmarks.predict(image, predictor_boxes(np.array([f.box for f in found])))
+        self._tick("landmarks", start)
+        return [Face(box=f.box, score=f.score, landmarks=p) for f, p in zip(found, points)]
+
+    def embed_faces(self, image: np.ndarray, faces: list[Face]) -> list[EmbeddedFace]:
+        """Aligned chips and unit embeddings for faces that already carry landmarks."""
+        start = time.perf_counter()
+        chips = np.stack([align_chip(image, f.landmarks, size_px=CHIP_PX) for f in faces]) if faces else np.zeros(
+            (0, CHIP_PX, CHIP_PX, 3), np.uint8
+        )
+        start = self._tick("align", start)
+        vectors = self.embedder.embed(chips)
+        self._tick("embed", start)
+        return [EmbeddedFace(face=f, chip=c, embedding=v) for f, c, v in zip(faces, chips, vectors)]
+
+    def analyze(self, image: np.ndarray) -> list[EmbeddedFace]:
+        """Every face in the image, embedded; empty list when there is none."""
+        return self.embed_faces(image, self.locate(image))
+
+    def close(self) -> None:
+        self.embedder.close()

