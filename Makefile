@@ -58,3 +58,9 @@ doctor: models
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+install:
+	VENV_FLAGS="$(VENV_FLAGS)" systemd/install.sh
+
+uninstall:
+	systemd/uninstall.sh

@@ -114,6 +114,26 @@ def cmd_demo(args, config: Config) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(args, config: Config) -> int:
+    if args.what == "store":
+        import tempfile
+
+        from edge.store import bench_store
+
+        with tempfile.TemporaryDirectory() as tmp:
+            report = bench_store(args.size, tmp_dir=Path(tmp))
+        say("  ".join(f"{k} {v}" for k, v in report.items()))
+    else:
+        from edge.bench import format_report, run_bench
+
+        photos = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"}) if args.photos else []
+        report = run_bench(config, video=args.video, photos=photos, frame_limit=args.frames, reference=not args.no_reference)
+        say(format_report(report))
+    if args.json:
+        emit_json(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edge", description="Face-recognition door controller")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -132,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image_a", type=Path, metavar="IMG_A")
     p.add_argument("image_b", type=Path, metavar="IMG_B")
     command("demo", cmd_demo, "run the real pipeline on the bundled sample media")
+    p = command("bench", cmd_bench, "per-stage timings vs face_recognition in the same run (or: bench store)")
+    p.add_argument("what", nargs="?", choices=("pipeline", "store"), default="pipeline")
+    p.add_argument("--video", type=Path, default=SAMPLES / "video" / "walk_toward_camera.mp4", help="video to time")
+    p.add_argument("--photos", type=Path, default=None, help="also time every photo under this folder")
+    p.add_argument("--frames", type=int, default=None, help="use only the first N video frames")
+    p.add_argument("--no-reference", action="store_true", help="skip face_recognition (it is a dev dependency)")
+    p.add_argument("--size", type=int, default=100_000, help="bench store: number of synthetic people")
     return parser
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge.errors import ConfigError
 
@@ -36,11 +36,27 @@ class MatchConfig(Section):
     margin_l2: float = Field(0.05, ge=0.0, le=1.0, description="the best person must beat the second best by at least this")
 
 
+class DecideConfig(Section):
+    votes_needed: int = Field(3, ge=1, le=30, description="frames the same person must win (k) before the door opens")
+    window_frames: int = Field(5, ge=1, le=60, description="the last n frames of a track that the vote looks at")
+    iou_min: float = Field(0.3, ge=0.05, le=0.95, description="box overlap needed to continue a track in the next frame")
+    max_missed_frames: int = Field(5, ge=0, le=100, description="a track ends after this many frames without its face")
+    cooldown_s: float = Field(10.0, ge=0.0, le=3600.0, description="no second unlock for the same person within this time")
+    unknown_interval_s: float = Field(10.0, ge=0.0, le=3600.0, description="at most one `unknown` event per this interval")
+
+    @model_validator(mode="after")
+    def _votes_fit_window(self) -> "DecideConfig":
+        if self.votes_needed > self.window_frames:
+            raise ValueError("votes_needed cannot exceed window_frames")
+        return self
+
+
 class Config(Section):
     models_dir: Path | None = Field(None, description="model folder (default: $EDGE_MODELS_DIR or ./models)")
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="face detector settings")
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="embedding backend settings")
     match: MatchConfig = Field(default_factory=MatchConfig, description="matching thresholds")
+    decide: DecideConfig = Field(default_factory=DecideConfig, description="voting, cooldown and rate limits")
 
     def resolved_models_dir(self) -> Path:
         from engines.fetch import default_models_dir

@@ -1,0 +1,135 @@
+"""`python -m edge bench`: per-stage medians of our pipeline and of face_recognition on the same frames, same run.
+
+Frames: the sample video resized to 640 px wide (the kiosk's working size) and, with --photos, still photos.
+Speed targets are read from this output, never asserted in timed unit tests: these machines are noisy.
+"""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.config import Config
+from edge.errors import InputError
+from edge.images import load_image
+
+FRAME_WIDTH_PX = 640
+STAGES = ("decode", "detect", "landmarks", "align", "embed")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def video_frames(path: Path, width_px: int = FRAME_WIDTH_PX, limit: int | None = None) -> list[tuple[np.ndarray, float]]:
+    """(frame, decode+resize ms) for each frame of a video, resized to width_px."""
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise InputError(f"{path}: cannot open video")
+    frames = []
+    while limit is None or len(frames) < limit:
+        start = time.perf_counter()
+        ok, frame = capture.read()
+        if not ok:
+            break
+        scale = width_px / frame.shape[1]
+        frame = cv2.resize(frame, (width_px, round(frame.shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        frames.append((frame, (time.perf_counter() - start) * 1e3))
+    capture.release()
+    if not frames:
+        raise InputError(f"{path}: no frames could be decoded")
+    return frames
+
+
+def photo_frames(paths: list[Path]) -> list[tuple[np.ndarray, float]]:
+    frames = []
+    for path in paths:
+        start = time.perf_counter()
+        image = load_image(path)
+        frames.append((image, (time.perf_counter() - start) * 1e3))
+    return frames
+
+
+def time_ours(pipeline, frames) -> dict:
+    """Per-frame stage timings of our pipeline; frames with exactly one face are reported separately."""
+    per_stage = {stage: [] for stage in STAGES}
+    totals, totals_one_face, faces_found = [], [], 0
+    for image, decode_ms in frames:
+        start = time.perf_counter()
+        faces = pipeline.analyze(image)
+        total = decode_ms + (time.perf_counter() - start) * 1e3
+        per_stage["decode"].append(decode_ms)
+        for stage in STAGES[1:]:
+            per_stage[stage].append(pipeline.last_ms.get(stage, 0.0))
+        totals.append(total)
+        faces_found += bool(faces)
+        if len(faces) == 1:
+            totals_one_face.append(total)
+    return {
+        "frames": len(frames),
+        "frames_with_face": faces_found,
+        "stage_ms_median": {s: round(statistics.median(v), 2) for s, v in per_stage.items()},
+        "total_ms_median": round(statistics.median(totals), 2),
+        "total_ms_median_one_face": round(statistics.median(totals_one_face), 2) if totals_one_face else None,
+    }
+
+
+def time_face_recognition(frames) -> dict:
+    """face_recognition (HOG detect + dlib encode), the stack we must beat, on the same frames."""
+    import face_recognition
+
+    totals, faces_found = [], 0
+    for image, decode_ms in frames:
+        rgb = np.ascontiguousarray(image[..., ::-1])
+        start = time.perf_counter()
+        boxes = face_recognition.face_locations(rgb)
+        face_recognition.face_encodings(rgb, boxes)
+        totals.append(decode_ms + (time.perf_counter() - start) * 1e3)
+        faces_found += bool(boxes)
+    return {"frames_with_face": faces_found, "total_ms_median": round(statistics.median(totals), 2)}
+
+
+def run_bench(config: Config, *, video: Path, photos: list[Path], frame_limit: int | None, reference: bool) -> dict:
+    """Our pipeline first (so its peak RSS is ours alone), then face_recognition on the same frames."""
+    from edge.pipeline import Pipeline
+
+    frames = video_frames(video, limit=frame_limit)
+    pipeline = Pipeline(config)
+    pipeline.analyze(frames[0][0])  # warm-up: load models, first-call allocations
+    report = {"backend": pipeline.embedder.name, "threads": config.embedder.threads, "video": str(video)}
+    report["video_640"] = time_ours(pipeline, frames)
+    if photos:
+        report["photos"] = time_ours(pipeline, photo_frames(photos))
+    report["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    report["total_ms_median"] = report["video_640"]["total_ms_median"]
+    if reference:
+        print("bench: timing face_recognition on the same frames…", file=sys.stderr)
+        report["face_recognition"] = time_face_recognition(frames)
+        report["face_recognition_ms_median"] = report["face_recognition"]["total_ms_median"]
+        report["speedup"] = round(report["face_recognition_ms_median"] / report["total_ms_median"], 2)
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"backend {report['backend']} ({report['threads']} thread(s)); peak RSS {report['peak_rss_mib']} MiB"]
+    for key in ("video_640", "photos"):
+        if key in report:
+            part = report[key]
+            stages = "  ".join(f"{s} {v:.1f}" for s, v in part["stage_ms_median"].items())
+            lines.append(
+                f"{key}: {part['frames']} frames, face in {part['frames_with_face']}; medians ms: {stages}; "
+                f"total {part['total_ms_median']:.1f} (one-face frames {part['total_ms_median_one_face']})"
+            )
+    if "speedup" in report:
+        fr = report["face_recognition"]
+        lines.append(
+            f"face_recognition: total {fr['total_ms_median']:.1f} ms median, face in {fr['frames_with_face']} frames; "
+            f"speed-up ×{report['speedup']}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Turn per-frame matches into door decisions: track faces by IoU, vote k-of-n, cooldown, rate-limit unknowns.
+
+Pure logic, no I/O: `Decider.update(detections, frame_index, t_s)` returns the events to act on.
+"""
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from edge.config import DecideConfig
+from edge.types import Match
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An event for the door and the log: `unlock` (person named) or `unknown` (someone not recognised)."""
+
+    event: str
+    person: str | None
+    track: int
+    frame: int
+    t_s: float
+    distance_l2: float
+    margin_l2: float
+    votes: int
+
+
+@dataclass
+class Track:
+    id: int
+    box: Box
+    last_frame: int
+    votes: deque = field(default_factory=deque)
+    unlocked: set = field(default_factory=set)
+    reported_unknown: bool = False
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two (left, top, right, bottom) boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class Decider:
+    """Holds the tracks between frames; one instance per camera."""
+
+    def __init__(self, settings: DecideConfig | None = None) -> None:
+        self.settings = settings or DecideConfig()
+        self.tracks: dict[int, Track] = {}
+        self._next_id = 1
+        self._last_unlock_s: dict[str, float] = {}
+        self._last_unknown_s = float("-inf")
+
+    def _assign(self, boxes: list[Box], frame: int) -> list[Track]:
+        """Greedy IoU association: best-overlapping pairs first; leftovers start new tracks."""
+        pairs = sorted(
+            ((iou(box, track.box), i, tid) for i, box in enumerate(boxes) for tid, track in self.tracks.items()),
+            reverse=True,
+        )
+        assigned: dict[int, Track] = {}
+        used: set[int] = set()
+        for overlap, i, tid in pairs:
+            if overlap < self.settings.iou_min:
+                break
+            if i in assigned or tid in used:
+                continue
+            assigned[i] = self.tracks[tid]
+            used.add(tid)
+        for i, box in enumerate(boxes):
+            if i not in assigned:
+                track = Track(id=self._next_id, box=box, last_frame=frame, votes=deque(maxlen=self.settings.window_frames))
+                self._next_id += 1
+                self.tracks[track.id] = track
+                assigned[i] = track
+            assigned[i].box = box
+            assigned[i].last_frame = frame
+        return [assigned[i] for i in range(len(boxes))]
+
+    def _expire(self, frame: int) -> None:
+        stale = [tid for tid, t in self.tracks.items() if frame - t.last_frame - 1 > self.settings.max_missed_frames]
+        for tid in stale:
+            del self.tracks[tid]
+
+    def update(self, detections: list[tuple[Box, Match]], frame: int, t_s: float) -> list[Decision]:
+        """Feed one frame's faces and their matches; returns the unlock/unknown events this frame causes."""
+        self._expire(frame)
+        tracks = self._assign([box for box, _ in detections], frame)
+        decisions = []
+        for track, (_, match) in zip(tracks, detections):
+            track.votes.append(match.person)
+            decision = self._decide(track, match, frame, t_s)
+            if decision:
+                decisions.append(decision)
+        return decisions
+
+    def _decide(self, track: Track, match: Match, frame: int, t_s: float) -> Decision | None:
+        s = self.settings
+        counts = Counter(track.votes)
+        person, votes = max(((p, n) for p, n in counts.items() if p is not None), key=lambda pn: pn[1], default=(None, 0))
+        if person is not None and votes >= s.votes_needed and match.person == person:
+            if person in track.unlocked or t_s - self._last_unlock_s.get(person, float("-inf")) < s.cooldown_s:
+                return None
+            track.unlocked.add(person)
+            self._last_unlock_s[person] = t_s
+            return Decision("unlock", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes)
+        unknown_votes = counts.get(None, 0)
+        if unknown_votes >= s.votes_needed and match.person is None and not track.reported_unknown:
+            if t_s - self._last_unknown_s < s.unknown_interval_s:
+                return None
+            track.reported_unknown = True
+            self._last_unknown_s = t_s
+            return Decision("unknown", None, track.id, frame, t_s, match.distance_l2, match.margin_l2, unknown_votes)
+        return None

