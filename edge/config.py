@@ -32,7 +32,7 @@ class EmbedderConfig(Section):
 
 
 class MatchConfig(Section):
-    threshold_l2: float = Field(0.6, gt=0.0, le=2.0, description="accept when the L2 distance between unit embeddings is below this")
+    threshold_l2: float = Field(0.4, gt=0.0, le=2.0, description="accept when the L2 distance between unit embeddings is below this")
     margin_l2: float = Field(0.05, ge=0.0, le=1.0, description="the best person must beat the second best by at least this")
 
 
@@ -51,12 +51,54 @@ class DecideConfig(Section):
         return self
 
 
+class EnrollConfig(Section):
+    min_face_px: int = Field(80, ge=20, le=2000, description="enrolment needs a face at least this wide (detector box)")
+    min_sharpness: float = Field(20.0, ge=0.0, le=10000.0, description="variance of the Laplacian of the chip; lower = blurred")
+    max_yaw_ratio: float = Field(0.2, ge=0.0, le=1.0, description="nose offset from the eyes' midpoint / eye distance; 0 = frontal")
+    max_embeddings_per_person: int = Field(10, ge=1, le=100, description="templates kept per person (oldest dropped)")
+    admins: list[str] = Field(default_factory=list, description="people whose presence allows button enrolment; empty = anyone (set up mode)")
+    admin_window_s: float = Field(30.0, ge=0.0, le=3600.0, description="a button press counts within this time of an admin being recognised")
+    capture_frames: int = Field(10, ge=1, le=300, description="frames watched after a button press; the best face is enrolled")
+
+
+class StoreConfig(Section):
+    path: Path = Field(Path("state/store.edgestore"), description="embedding store file (the service uses /var/lib/edge-access)")
+    key_file: Path | None = Field(None, description="32-byte key file for AES-GCM encryption at rest (None = unencrypted)")
+
+
+class AuditConfig(Section):
+    path: Path = Field(Path("state/audit.sqlite"), description="SQLite decision log")
+    retention_days: float = Field(30.0, ge=0.01, le=3650.0, description="decisions (and snapshots) older than this are deleted")
+    snapshots: bool = Field(False, description="keep a face chip JPEG with each decision (biometric data: off by default)")
+
+
+class DoorConfig(Section):
+    kind: Literal["gpio", "simulated"] = Field("simulated", description="gpio drives the relay; simulated only logs")
+    relay_pin: int | str = Field(17, description="relay GPIO (BCM number or gpiozero name such as 'GPIO17', 'BOARD11')")
+    active_high: bool = Field(True, description="false for relay boards that switch on a low input")
+    pulse_s: float = Field(3.0, ge=0.2, le=60.0, description="how long the relay stays energised per unlock")
+    led_pin: int | str | None = Field(None, description="optional status LED GPIO")
+    buzzer_pin: int | str | None = Field(None, description="optional buzzer GPIO")
+    button_pin: int | str | None = Field(None, description="optional enrolment button GPIO (to ground, internal pull-up)")
+
+
+class CameraConfig(Section):
+    source: str = Field("v4l2:///dev/video0", description="camera URI: v4l2:///dev/videoN, csi://0, rtsp://…, file://…, images://dir")
+    width: int = Field(640, ge=160, le=4096, description="requested capture width in pixels (live cameras)")
+    height: int = Field(480, ge=120, le=4096, description="requested capture height in pixels (live cameras)")
+
+
 class Config(Section):
     models_dir: Path | None = Field(None, description="model folder (default: $EDGE_MODELS_DIR or ./models)")
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="face detector settings")
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig, description="embedding backend settings")
     match: MatchConfig = Field(default_factory=MatchConfig, description="matching thresholds")
     decide: DecideConfig = Field(default_factory=DecideConfig, description="voting, cooldown and rate limits")
+    enroll: EnrollConfig = Field(default_factory=EnrollConfig, description="enrolment quality gates and button enrolment")
+    store: StoreConfig = Field(default_factory=StoreConfig, description="where enrolments are kept")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="decision log")
+    door: DoorConfig = Field(default_factory=DoorConfig, description="relay, LED, buzzer and button wiring")
+    camera: CameraConfig = Field(default_factory=CameraConfig, description="camera source")
 
     def resolved_models_dir(self) -> Path:
         from engines.fetch import default_models_dir

@@ -25,6 +25,8 @@ class Decision:
     distance_l2: float
     margin_l2: float
     votes: int
+    first_frame: int
+    box: Box
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Track:
     id: int
     box: Box
     last_frame: int
+    first_frame: int
     votes: deque = field(default_factory=deque)
     unlocked: set = field(default_factory=set)
     reported_unknown: bool = False
@@ -73,7 +76,10 @@ class Decider:
             used.add(tid)
         for i, box in enumerate(boxes):
             if i not in assigned:
-                track = Track(id=self._next_id, box=box, last_frame=frame, votes=deque(maxlen=self.settings.window_frames))
+                track = Track(
+                    id=self._next_id, box=box, last_frame=frame, first_frame=frame,
+                    votes=deque(maxlen=self.settings.window_frames),
+                )
                 self._next_id += 1
                 self.tracks[track.id] = track
                 assigned[i] = track
@@ -107,12 +113,16 @@ class Decider:
                 return None
             track.unlocked.add(person)
             self._last_unlock_s[person] = t_s
-            return Decision("unlock", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes)
+            return Decision(
+                "unlock", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes, track.first_frame, track.box
+            )
         unknown_votes = counts.get(None, 0)
         if unknown_votes >= s.votes_needed and match.person is None and not track.reported_unknown:
             if t_s - self._last_unknown_s < s.unknown_interval_s:
                 return None
             track.reported_unknown = True
             self._last_unknown_s = t_s
-            return Decision("unknown", None, track.id, frame, t_s, match.distance_l2, match.margin_l2, unknown_votes)
+            return Decision(
+                "unknown", None, track.id, frame, t_s, match.distance_l2, match.margin_l2, unknown_votes, track.first_frame, track.box
+            )
         return None
