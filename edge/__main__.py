@@ -1,6 +1,6 @@
 """Command line: `python -m edge COMMAND …`. --json prints one JSON document on stdout; humans read stderr.
 
-Exit codes: 0 done, 1 a negative answer (no match), 2 bad input or setup (one line says why).
+Exit codes: 0 done, 1 a negative answer (no match), 2 bad input or setup (one line says why), 3 an internal error.
 """
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from edge.config import Config, load_config
-from edge.errors import EdgeError, InputError
+from edge.errors import EdgeError, InputError, StoreError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = PROJECT_ROOT / "samples"
@@ -134,6 +135,262 @@ def cmd_bench(args, config: Config) -> int:
     return 0
 
 
+INTERNAL_ERROR = 3
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def open_store(config: Config, args, fingerprint: str | None = None):
+    """The store named by --store (else config.store.path), stamped with the current model's fingerprint."""
+    from edge.embed import model_fingerprint
+    from edge.store import Store
+
+    path = getattr(args, "store", None) or config.store.path
+    fingerprint = fingerprint or model_fingerprint(config.resolved_models_dir())
+    return Store.open(
+        path, fingerprint=fingerprint, key_path=config.store.key_file,
+        max_embeddings_per_person=config.enroll.max_embeddings_per_person,
+    )
+
+
+def enrolment_face(pipeline, path: Path, config: Config, *, largest: bool):
+    """The one face of an enrolment photo that passes the quality gates, else InputError with the reason."""
+    from edge.quality import quality_problem
+
+    faces = faces_in(pipeline, path)
+    if len(faces) > 1 and not largest:
+        raise InputError(f"{path}: {len(faces)} faces found; enrolment needs exactly one (or pass --largest)")
+    problem = quality_problem(faces[0], config.enroll)
+    if problem:
+        raise InputError(f"{path}: {problem}")
+    return faces[0]
+
+
+def check_not_duplicate(store, name: str, embedding, threshold_l2: float, force: bool, path: Path) -> None:
+    other, distance = store.nearest(embedding)
+    if other is not None and other.name.casefold() != name.casefold() and distance < threshold_l2 and not force:
+        raise InputError(
+            f"{path}: looks like {other.name} (distance {distance:.3f} < {threshold_l2}); "
+            f"use --force if {name} really is someone else"
+        )
+
+
+def enrol_person(pipeline, store, name: str, paths: list[Path], config: Config, args) -> dict:
+    """Embed every photo (all must pass the gates), then add them to the person in one atomic edit."""
+    import numpy as np
+
+    faces = [enrolment_face(pipeline, path, config, largest=args.largest) for path in paths]
+    embeddings = np.stack([f.embedding for f in faces])
+    with store.edit():
+        for face, path in zip(faces, paths):
+            check_not_duplicate(store, name, face.embedding, config.match.threshold_l2, args.force, path)
+        try:
+            existing = store.find(name)
+        except StoreError:
+            existing = None
+        if existing is None:
+            person, action = store.add_person(name, embeddings, note=args.note), "enrolled"
+        else:
+            person, action = store.add_embeddings(existing.id, embeddings), "added to"
+    say(f"{action} {person.name}: {len(paths)} photo(s), {person.embedding_count} template(s)")
+    return {"name": person.name, "id": person.id, "photos": [str(p) for p in paths], "templates": person.embedding_count}
+
+
+def photos_by_person(folder: Path) -> dict[str, list[Path]]:
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (expected one sub-folder of photos per person)")
+    people = {
+        sub.name: sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for sub in sorted(folder.iterdir()) if sub.is_dir()
+    }
+    people = {name: photos for name, photos in people.items() if photos}
+    if not people:
+        raise InputError(f"{folder}: no sub-folders with photos (expected {folder}/NAME/photo.jpg)")
+    return people
+
+
+def cmd_enroll(args, config: Config) -> int:
+    pipeline = load_pipeline(config)
+    store = open_store(config, args, pipeline.embedder.fingerprint)
+    if args.from_dir:
+        people = photos_by_person(args.from_dir)
+        enrolled, refused = [], []
+        for i, (name, photos) in enumerate(people.items(), 1):
+            say(f"[{i}/{len(people)}] {name}: {len(photos)} photo(s)")
+            try:
+                enrolled.append(enrol_person(pipeline, store, name, photos, config, args))
+            except InputError as err:
+                say(f"  skipped {name}: {err}")
+                refused.append({"name": name, "reason": str(err)})
+        if args.json:
+            emit_json({"enrolled": enrolled, "refused": refused})
+        if refused:
+            say(f"error: {len(refused)} of {len(people)} people not enrolled (see above)")
+            return 2
+        return 0
+    if not args.name or not args.images:
+        raise InputError("enroll needs NAME and at least one IMAGE, or --from-dir DIR")
+    result = enrol_person(pipeline, store, args.name, args.images, config, args)
+    if args.json:
+        emit_json(result)
+    return 0
+
+
+def person_dict(person) -> dict:
+    return {"id": person.id, "name": person.name, "created": person.created_utc, "note": person.note,
+            "templates": person.embedding_count}
+
+
+def cmd_people(args, config: Config) -> int:
+    store = open_store(config, args)
+    if args.action == "list":
+        people = [person_dict(p) for p in store.persons]
+        for p in people:
+            say(f"{p['name']:<30} {p['templates']:>3} template(s)  since {p['created']}  id {p['id']}")
+        say(f"{len(people)} people")
+        result = {"people": people}
+    elif args.action == "show":
+        result = person_dict(store.find(args.person))
+        say("  ".join(f"{k}: {v}" for k, v in result.items()))
+    elif args.action == "rename":
+        if not args.new_name:
+            raise InputError("people rename needs PERSON and NEW_NAME")
+        with store.edit():
+            result = person_dict(store.rename(args.person, args.new_name))
+        say(f"renamed to {result['name']}")
+    else:
+        with store.edit():
+            removed = store.remove(args.person)
+        forgotten = forget_in_audit(config, args, removed.name)
+        result = {**person_dict(removed), "removed": True, "audit_rows_anonymised": forgotten}
+        say(f"removed {removed.name}: templates erased, {forgotten} log entries anonymised")
+    if args.json:
+        emit_json(result)
+    return 0
+
+
+def forget_in_audit(config: Config, args, name: str) -> int:
+    """Right to be forgotten: the audit log keeps the event but drops the name and the snapshots."""
+    from edge.audit import AuditLog
+
+    path = getattr(args, "audit", None) or config.audit.path
+    if not Path(path).exists():
+        return 0
+    log = AuditLog(path)
+    try:
+        return log.forget_person(name)
+    finally:
+        log.close()
+
+
+def cmd_identify(args, config: Config) -> int:
+    pipeline = load_pipeline(config)
+    store = open_store(config, args, pipeline.embedder.fingerprint)
+    import numpy as np
+
+    faces = faces_in(pipeline, args.image)
+    matches = store.match(
+        np.stack([f.embedding for f in faces]), threshold_l2=config.match.threshold_l2, margin_l2=config.match.margin_l2
+    )
+    results = []
+    for face, match in zip(faces, matches):
+        results.append({"box": rounded(face.face.box, 1), "name": match.person,
+                        "distance_l2": round(match.distance_l2, 4), "margin": round(match.margin_l2, 4)})
+        who = match.person or f"unknown (closest {match.candidate}, {match.distance_l2:.3f})"
+        say(f"{who} at {[int(v) for v in face.face.box]} distance {match.distance_l2:.3f} margin {match.margin_l2:.3f}")
+    if args.json:
+        emit_json({"faces": results})
+    return 0 if any(r["name"] for r in results) else 1
+
+
+def make_door(config: Config, kind: str):
+    from edge.door import GpioDoor, SimulatedDoor
+
+    d = config.door
+    if kind == "simulated":
+        return SimulatedDoor(pulse_s=d.pulse_s)
+    return GpioDoor(relay_pin=d.relay_pin, active_high=d.active_high, pulse_s=d.pulse_s, led_pin=d.led_pin,
+                    buzzer_pin=d.buzzer_pin)
+
+
+def event_sink(target: str | None):
+    """JSON lines to stdout ('-') or appended to a file; None → no sink. Returns (emit, close)."""
+    if target is None:
+        return (lambda event: None), (lambda: None)
+    stream = sys.stdout if target == "-" else open(target, "a", buffering=1)
+
+    def emit(event: dict) -> None:
+        stream.write(json.dumps(event) + "\n")
+        stream.flush()
+
+    return emit, (lambda: None) if stream is sys.stdout else stream.close
+
+
+def cmd_run(args, config: Config) -> int:
+    """The door controller loop; a file source runs to its end and exits 0."""
+    from edge.audit import AuditLog
+    from edge.camera import open_source
+    from edge.kiosk import Kiosk
+
+    pipeline = load_pipeline(config)
+    store = open_store(config, args, pipeline.embedder.fingerprint)
+    audit = AuditLog(args.audit or config.audit.path, retention_days=config.audit.retention_days,
+                     snapshot_dir=Path(args.audit or config.audit.path).parent / "snapshots" if config.audit.snapshots else None)
+    audit.prune()
+    uri = args.source or config.camera.source
+    source = open_source(uri, **({"width": config.camera.width, "height": config.camera.height} if uri.startswith(("v4l2:", "/dev/", "csi:")) else {}))
+    door = make_door(config, args.door or config.door.kind)
+    emit, close_sink = event_sink(args.events)
+    kiosk = Kiosk(config=config, pipeline=pipeline, store=store, door=door, audit=audit, emit=emit,
+                  press_button_at=set(args.press_button_at or []))
+    button = attach_button(config, kiosk) if (args.door or config.door.kind) == "gpio" else None
+    say(f"run: source {uri}, door {args.door or config.door.kind}, {len(store)} people enrolled, backend {pipeline.embedder.name}")
+    started = time.perf_counter()
+    try:
+        with source:
+            frames = kiosk.run(source)
+    finally:
+        if button is not None:
+            button.close()
+        audit.close()
+        close_sink()
+    elapsed_s = time.perf_counter() - started
+    summary = kiosk.summary(frames, elapsed_s)
+    say("run: " + "  ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def attach_button(config: Config, kiosk):
+    if config.door.button_pin is None:
+        return None
+    from gpiozero import Button
+
+    button = Button(config.door.button_pin, pull_up=True, bounce_time=0.05)
+    button.when_pressed = kiosk.press_button
+    return button
+
+
+def cmd_log(args, config: Config) -> int:
+    from edge.audit import AuditLog, parse_since
+
+    path = Path(args.audit or config.audit.path)
+    if not path.exists():
+        raise InputError(f"audit log {path} not found (the door controller creates it on first run)")
+    log = AuditLog(path)
+    try:
+        rows = log.rows(parse_since(args.since) if args.since else 0.0)
+    finally:
+        log.close()
+    from datetime import datetime
+
+    for row in rows:
+        when = datetime.fromtimestamp(row["t_unix"]).isoformat(timespec="seconds")
+        say(f"{when}  {row['event']:<8} {row['person'] or '-':<24} distance {row['distance_l2']:.3f}  door {row['door_action']}")
+    say(f"{len(rows)} decision(s)")
+    if args.json:
+        emit_json({"decisions": rows})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edge", description="Face-recognition door controller")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -159,14 +416,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=None, help="use only the first N video frames")
     p.add_argument("--no-reference", action="store_true", help="skip face_recognition (it is a dev dependency)")
     p.add_argument("--size", type=int, default=100_000, help="bench store: number of synthetic people")
+
+    def store_command(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = command(name, func, help_text)
+        p.add_argument("--store", type=Path, default=None, help="store file (default: store.path in the config)")
+        return p
+
+    p = store_command("enroll", cmd_enroll, "enrol a person from photos (or a folder per person with --from-dir)")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE")
+    p.add_argument("--from-dir", type=Path, default=None, metavar="DIR", help="DIR/NAME/*.jpg, one folder per person")
+    p.add_argument("--largest", action="store_true", help="photos with several faces: use the largest")
+    p.add_argument("--force", action="store_true", help="enrol even if the face matches another person")
+    p.add_argument("--note", default=None, help="free text kept with the person")
+    p = store_command("people", cmd_people, "list, show, rename or remove enrolled people")
+    p.add_argument("action", choices=("list", "show", "rename", "remove"))
+    p.add_argument("person", nargs="?", metavar="PERSON", help="name or id")
+    p.add_argument("new_name", nargs="?", metavar="NEW_NAME")
+    p.add_argument("--audit", type=Path, default=None, help="remove: audit log to anonymise (default: audit.path)")
+    p = store_command("identify", cmd_identify, "who is in this photo? (exit 1: nobody known)")
+    p.add_argument("image", type=Path, metavar="IMG")
+    p = store_command("run", cmd_run, "run the door controller (camera → recognition → relay)")
+    p.add_argument("--source", default=None, help="camera URI (default: camera.source in the config)")
+    p.add_argument("--door", choices=("gpio", "simulated"), default=None, help="default: door.kind in the config")
+    p.add_argument("--events", default=None, metavar="FILE|-", help="write events as JSON lines ('-' = stdout)")
+    p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path in the config)")
+    p.add_argument("--press-button-at", type=int, action="append", metavar="FRAME",
+                   help="simulate an enrolment button press at this frame (demos and tests; repeatable)")
+    p = command("log", cmd_log, "show the door decisions from the audit log")
+    p.add_argument("--since", default=None, help="15m, 2h, 7d or an ISO time")
+    p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path in the config)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s %(message)s"
-    )
+    quiet = logging.INFO if args.command == "run" else logging.WARNING
+    logging.basicConfig(level=logging.DEBUG if args.verbose else quiet, format="%(levelname)s %(name)s %(message)s")
     try:
         config = load_config(args.config)
         return args.func(args, config)
@@ -176,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted")
         return 130
+    except Exception as err:  # a bug, not bad input: one line here, the traceback with -v
+        logging.getLogger("edge").debug("unexpected error", exc_info=True)
+        say(f"error: unexpected {type(err).__name__}: {err} (run with -v for details)")
+        return INTERNAL_ERROR
 
 
 if __name__ == "__main__":

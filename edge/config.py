@@ -17,7 +17,7 @@ class Section(BaseModel):
 class DetectorConfig(Section):
     confidence: float = Field(0.5, ge=0.05, le=0.99, description="res10 SSD score needed to keep a box")
     nms_iou: float = Field(0.4, ge=0.1, le=0.9, description="boxes overlapping more than this IoU are merged (NMS)")
-    min_face_px: int = Field(40, ge=16, le=1000, description="ignore faces whose box is narrower than this")
+    min_face_px: int = Field(30, ge=16, le=1000, description="ignore faces whose box is narrower than this")
     max_side_px: int = Field(640, ge=300, le=4096, description="images are downscaled to this longest side before detection")
     max_overhang: float = Field(0.1, ge=0.0, le=0.5, description="reject boxes extending further past the image edge (fraction of box size)")
     max_aspect: float = Field(2.0, ge=1.2, le=4.0, description="reject boxes whose height/width (or width/height) exceeds this")
@@ -53,8 +53,8 @@ class DecideConfig(Section):
 
 class EnrollConfig(Section):
     min_face_px: int = Field(80, ge=20, le=2000, description="enrolment needs a face at least this wide (detector box)")
-    min_sharpness: float = Field(20.0, ge=0.0, le=10000.0, description="variance of the Laplacian of the chip; lower = blurred")
-    max_yaw_ratio: float = Field(0.2, ge=0.0, le=1.0, description="nose offset from the eyes' midpoint / eye distance; 0 = frontal")
+    min_sharpness: float = Field(10.0, ge=0.0, le=10000.0, description="variance of the Laplacian of the chip; lower = blurred")
+    max_yaw_ratio: float = Field(0.25, ge=0.0, le=1.0, description="nose offset from the eyes' midpoint / eye distance; 0 = frontal")
     max_embeddings_per_person: int = Field(10, ge=1, le=100, description="templates kept per person (oldest dropped)")
     admins: list[str] = Field(default_factory=list, description="people whose presence allows button enrolment; empty = anyone (set up mode)")
     admin_window_s: float = Field(30.0, ge=0.0, le=3600.0, description="a button press counts within this time of an admin being recognised")

@@ -26,13 +26,23 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
+def fingerprint_of(onnx_sha256: str) -> str:
+    """What a store is stamped with: embeddings are comparable only under the same model and preprocessing."""
+    return f"{onnx_sha256}:{PREPROCESS_VERSION}"
+
+
+def model_fingerprint(models_dir: Path) -> str:
+    """The fingerprint without loading a backend (for store commands that embed nothing)."""
+    return fingerprint_of(sha256_file(onnx_path_in(models_dir)))
+
+
 class Embedder:
     """Batches chips through one backend; `fingerprint` identifies the model + preprocessing for the store."""
 
     def __init__(self, backend, *, onnx_sha256: str, max_batch: int = 8) -> None:
         self.backend = backend
         self.max_batch = max_batch
-        self.fingerprint = f"{onnx_sha256}:{PREPROCESS_VERSION}"
+        self.fingerprint = fingerprint_of(onnx_sha256)
 
     @property
     def name(self) -> str:
@@ -67,6 +77,13 @@ def create_embedder(config: EmbedderConfig, models_dir: Path) -> Embedder:
     onnx_path = onnx_path_in(models_dir)
     onnx_sha = sha256_file(onnx_path)
     backend_name = config.backend
+    if backend_name in ("auto", "tensorrt"):
+        # Imports no TensorRT/CUDA unless an engine file exists; `tensorrt` raises where `auto` falls back.
+        from edge.backends.tensorrt import open_matching_engine
+
+        engine = open_matching_engine(models_dir, onnx_sha256=onnx_sha, required=backend_name == "tensorrt")
+        if engine is not None:
+            return Embedder(engine, onnx_sha256=onnx_sha, max_batch=config.max_batch)
     if backend_name == "opencv":
         from edge.backends.opencv import OpenCVBackend
 

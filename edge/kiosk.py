@@ -1,0 +1,191 @@
+"""The doorway loop: camera → pipeline → match → decide → door, with button enrolment, audit log and watchdog.
+
+`Kiosk.step(frame)` processes one frame and returns its events (tests drive it directly); `Kiosk.run(source)`
+is the loop. The door is locked at start, after every pulse, and on any exit: normal end, SIGTERM/SIGINT or an
+exception anywhere in the loop.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter, OrderedDict
+from datetime import datetime
+
+import numpy as np
+
+from edge.config import Config
+from edge.decide import Decider, Decision
+from edge.quality import quality_problem, quality_score
+from edge.sdnotify import Notifier
+from edge.types import EmbeddedFace, Frame
+
+log = logging.getLogger("edge.kiosk")
+STORE_CHECK_S = 1.0
+RECENT_FRAMES = 256
+
+
+class Stop(Exception):
+    """Raised by the signal handler to leave the loop through the fail-secure path."""
+
+
+class Kiosk:
+    def __init__(
+        self, *, config: Config, pipeline, store, door, audit=None, emit=None, clock=time.monotonic,
+        press_button_at: set[int] = frozenset(),
+    ) -> None:
+        self.config, self.pipeline, self.store, self.door, self.audit = config, pipeline, store, door, audit
+        self.emit = emit or (lambda event: None)
+        self.clock = clock
+        self.decider = Decider(config.decide)
+        self._button = threading.Event()
+        self._capture_left = 0
+        self._candidates: list[EmbeddedFace] = []
+        self._admin_seen_s = float("-inf")
+        self._last_store_check = float("-inf")
+        self._frame_wall: OrderedDict[int, float] = OrderedDict()
+        self.latencies_ms: list[float] = []
+        self.press_button_at = press_button_at
+        self.counts: Counter[str] = Counter()
+
+    def press_button(self) -> None:
+        """Called from gpiozero's Button thread (or a test): ask to enrol the next good face."""
+        self._button.set()
+
+    def _event(self, name: str, frame: Frame, **fields) -> dict:
+        event = {"event": name, "person": None, "frame": frame.index, "t_s": round(frame.t_s, 3), "distance_l2": None}
+        event.update(fields)
+        self.counts[name] += 1
+        log.info("event=%s %s", name, " ".join(f"{k}={v}" for k, v in event.items() if k != "event"))
+        self.emit(event)
+        return event
+
+    def _reload_store(self) -> None:
+        now = self.clock()
+        if now - self._last_store_check >= STORE_CHECK_S:
+            self._last_store_check = now
+            if self.store.reload_if_changed():
+                log.info("event=store_reloaded people=%d", len(self.store))
+
+    def step(self, frame: Frame) -> list[dict]:
+        """Process one frame; returns the events it caused (unlock, unknown, enrolled, enroll_refused)."""
+        if frame.index in self.press_button_at:
+            self.press_button()
+        self._frame_wall[frame.index] = self.clock()
+        while len(self._frame_wall) > RECENT_FRAMES:
+            self._frame_wall.popitem(last=False)
+        self._reload_store()
+        faces = self.pipeline.analyze(frame.image)
+        matches = self.store.match(
+            np.stack([f.embedding for f in faces]), threshold_l2=self.config.match.threshold_l2,
+            margin_l2=self.config.match.margin_l2,
+        ) if faces else []
+        if any(m.person in self.config.enroll.admins for m in matches):
+            self._admin_seen_s = frame.t_s
+        events = self._enrolment(frame, faces)
+        for decision in self.decider.update([(f.face.box, m) for f, m in zip(faces, matches)], frame.index, frame.t_s):
+            events.append(self._act(decision, frame, faces))
+        return events
+
+    def _act(self, decision: Decision, frame: Frame, faces: list[EmbeddedFace]) -> dict:
+        door_action = "none"
+        latency = {}
+        if decision.event == "unlock":
+            self.door.unlock()
+            door_action = "pulse"
+            first_wall = self._frame_wall.get(decision.first_frame)
+            if first_wall is not None:
+                latency_ms = (self.clock() - first_wall) * 1e3
+                self.latencies_ms.append(latency_ms)
+                latency = {"latency_ms": round(latency_ms, 1), "frames_to_decide": decision.frame - decision.first_frame + 1}
+        if self.audit is not None:
+            snapshot = next((f.chip for f in faces if f.face.box == decision.box), None)
+            self.audit.record(decision, door_action=door_action, snapshot=snapshot)
+        return self._event(
+            decision.event, frame, person=decision.person, distance_l2=round(decision.distance_l2, 4),
+            margin_l2=round(decision.margin_l2, 4), track=decision.track, votes=decision.votes, door=door_action, **latency,
+        )
+
+    def _enrolment(self, frame: Frame, faces: list[EmbeddedFace]) -> list[dict]:
+        """Button enrolment: after a press (by an admin, or anyone while no admin is configured) watch
+        `capture_frames` frames and enrol the best face that passes the quality gates."""
+        cfg = self.config.enroll
+        if self._button.is_set():
+            self._button.clear()
+            if cfg.admins and frame.t_s - self._admin_seen_s > cfg.admin_window_s:
+                return [self._event("enroll_refused", frame, reason="no admin recognised in the last "
+                                    f"{cfg.admin_window_s:g} s")]
+            self._capture_left, self._candidates = cfg.capture_frames, []
+            self._event("enroll_started", frame, frames=cfg.capture_frames)
+        if self._capture_left <= 0:
+            return []
+        self._capture_left -= 1
+        if faces:
+            largest = faces[0]
+            if quality_problem(largest, cfg) is None:
+                self._candidates.append(largest)
+        if self._capture_left > 0:
+            return []
+        if not self._candidates:
+            return [self._event("enroll_refused", frame, reason="no face good enough (size, sharpness, frontal)")]
+        best = max(self._candidates, key=quality_score)
+        return [self._enrol(best, frame)]
+
+    def _enrol(self, face: EmbeddedFace, frame: Frame) -> dict:
+        other, distance = self.store.nearest(face.embedding)
+        if other is not None and distance < self.config.match.threshold_l2:
+            return self._event("enroll_refused", frame, reason=f"already enrolled as {other.name}", distance_l2=round(distance, 4))
+        name = datetime.now().strftime("person-%Y%m%d-%H%M%S")
+        with self.store.edit():
+            self.store.add_person(name, face.embedding[None, :], note=f"button enrolment, frame {frame.index}")
+        self.door.confirm()
+        return self._event("enrolled", frame, person=name)
+
+    def summary(self, frames: int, elapsed_s: float) -> dict:
+        """Loop statistics for the end of a run: fps, events, face-first-visible → relay-on latency."""
+        result = {"frames": frames, "fps": round(frames / elapsed_s, 1) if elapsed_s > 0 else 0.0}
+        result.update({f"{name}_events": n for name, n in sorted(self.counts.items())})
+        if self.latencies_ms:
+            result["latency_ms_median"] = round(float(np.median(self.latencies_ms)), 1)
+            result["latency_ms_max"] = round(max(self.latencies_ms), 1)
+        return result
+
+    def run(self, source, *, notifier: Notifier | None = None, max_frames: int | None = None) -> int:
+        """Loop until the source ends (file) or a signal arrives; always leaves the door locked. Returns frames processed."""
+        notifier = notifier or Notifier()
+        previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        processed = 0
+        lost = False
+        try:
+            self.door.open()
+            notifier.ready()
+            while max_frames is None or processed < max_frames:
+                notifier.watchdog()
+                frame = source.read()
+                status = getattr(source, "status", "ok")
+                if frame is None:
+                    if status == "lost":
+                        if not lost:
+                            lost = True
+                            self._event("camera_lost", Frame(image=None, index=processed, t_s=0.0))
+                        continue
+                    break
+                if lost:
+                    lost = False
+                    self._event("camera_ok", frame)
+                self.step(frame)
+                processed += 1
+        except Stop:
+            log.info("event=stopping reason=signal")
+        finally:
+            self.door.lock()
+            self.door.close()
+            notifier.stopping()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return processed
+
+
+def _raise_stop(signum, _frame) -> None:
+    raise Stop(signal.Signals(signum).name)
