@@ -48,6 +48,8 @@ class Kiosk:
         self.latencies_ms: list[float] = []
         self.press_button_at = press_button_at
         self.counts: Counter[str] = Counter()
+        self.last_faces: list[EmbeddedFace] = []
+        self.last_matches: list = []
 
     def press_button(self) -> None:
         """Called from gpiozero's Button thread (or a test): ask to enrol the next good face."""
@@ -81,6 +83,7 @@ class Kiosk:
             np.stack([f.embedding for f in faces]), threshold_l2=self.config.match.threshold_l2,
             margin_l2=self.config.match.margin_l2,
         ) if faces else []
+        self.last_faces, self.last_matches = faces, matches
         if any(m.person in self.config.enroll.admins for m in matches):
             self._admin_seen_s = frame.t_s
         events = self._enrolment(frame, faces)
