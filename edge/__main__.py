@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,17 +103,22 @@ def cmd_verify(args, config: Config) -> int:
 
 
 def cmd_demo(args, config: Config) -> int:
-    """Real pipeline on the bundled photos: the same person matches, another does not."""
-    pipeline = load_pipeline(config)
-    photos = SAMPLES / "photos"
-    pairs = [("obama.jpg", "obama2.jpg", True), ("obama.jpg", "biden.jpg", False)]
-    ok = True
-    for a, b, expected in pairs:
-        result = verify_pair(pipeline, photos / a, photos / b, config.match.threshold_l2)
-        verdict = "match" if result["match"] else "no match"
-        say(f"verify {a} vs {b}: {verdict} (distance {result['distance_l2']:.3f}, threshold {result['threshold_l2']})")
-        ok &= result["match"] == expected
-    return 0 if ok else 1
+    """Real pipeline and door loop on the bundled sample media (see edge/demo.py)."""
+    from types import SimpleNamespace
+
+    from edge.demo import run_demo
+    from edge.store import Store
+
+    enrol_args = SimpleNamespace(largest=False, force=False, note="demo")
+
+    def open_store_at(path: Path, fingerprint: str):
+        return Store.open(path, fingerprint=fingerprint)
+
+    def enrol(pipeline, store, name, photos):
+        return enrol_person(pipeline, store, name, photos, config, enrol_args)
+
+    return run_demo(config, samples=SAMPLES, out_dir=args.out, verify_pair=verify_pair, enrol_person=enrol,
+                    open_store_at=open_store_at)
 
 
 def cmd_bench(args, config: Config) -> int:
@@ -391,6 +397,73 @@ def cmd_log(args, config: Config) -> int:
     return 0
 
 
+def doctor_checks(config: Config, args):
+    """(name, check) pairs; each check returns a detail string or raises with the reason."""
+    import numpy as np
+
+    from engines.fetch import verify_models
+
+    def models():
+        return f"{len(verify_models(config.resolved_models_dir()))} files match their sha256"
+
+    def embedder():
+        from edge.embed import CHIP_PX, create_embedder
+
+        emb = create_embedder(config.embedder, config.resolved_models_dir())
+        vector = emb.embed(np.full((1, CHIP_PX, CHIP_PX, 3), 128, np.uint8))
+        emb.close()
+        return f"backend {emb.name}, output {vector.shape[1]}-D"
+
+    def store():
+        opened = open_store(config, args)
+        return f"{len(opened)} people, {opened.embedding_count} templates ({opened.path})"
+
+    def audit():
+        path = Path(args.audit or config.audit.path)
+        folder = path.parent if path.parent.exists() else path.parent.parent
+        if not os.access(folder, os.W_OK):
+            raise EdgeError(f"{folder} is not writable by this user")
+        return str(path)
+
+    def camera():
+        from edge.camera import open_source
+
+        with open_source(args.source or config.camera.source) as source:
+            frame = source.read(timeout_s=3.0)
+        if frame is None:
+            raise EdgeError(f"no frame within 3 s from {args.source or config.camera.source}")
+        return f"{frame.image.shape[1]}x{frame.image.shape[0]} from {args.source or config.camera.source}"
+
+    def door():
+        if config.door.kind != "gpio":
+            return "simulated (set door.kind: gpio to drive the relay)"
+        relay = make_door(config, "gpio")
+        relay.open()
+        relay.close()
+        return f"relay on {config.door.relay_pin} claimed and released (locked)"
+
+    checks = [("config", lambda: str(args.config or "built-in defaults")), ("models", models), ("embedder", embedder),
+              ("store", store), ("audit", audit), ("door", door)]
+    if not args.no_camera:
+        checks.append(("camera", camera))
+    return checks
+
+
+def cmd_doctor(args, config: Config) -> int:
+    """Validate config, models, store, camera and GPIO without starting the loop."""
+    results = []
+    for name, check in doctor_checks(config, args):
+        try:
+            detail, ok = check(), True
+        except Exception as err:  # report every failure, keep checking the rest
+            detail, ok = str(err) or type(err).__name__, False
+        say(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}")
+        results.append({"name": name, "ok": ok, "detail": detail})
+    if args.json:
+        emit_json({"checks": results, "ok": all(r["ok"] for r in results)})
+    return 0 if all(r["ok"] for r in results) else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m edge", description="Face-recognition door controller")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -408,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("verify", cmd_verify, "are the largest faces of two photos the same person? (exit 1: no)")
     p.add_argument("image_a", type=Path, metavar="IMG_A")
     p.add_argument("image_b", type=Path, metavar="IMG_B")
-    command("demo", cmd_demo, "run the real pipeline on the bundled sample media")
+    p = command("demo", cmd_demo, "run the real pipeline and door loop on the bundled sample media")
+    p.add_argument("--out", type=Path, default=PROJECT_ROOT / "out" / "demo", help="where the demo writes its files")
     p = command("bench", cmd_bench, "per-stage timings vs face_recognition in the same run (or: bench store)")
     p.add_argument("what", nargs="?", choices=("pipeline", "store"), default="pipeline")
     p.add_argument("--video", type=Path, default=SAMPLES / "video" / "walk_toward_camera.mp4", help="video to time")
@@ -443,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path in the config)")
     p.add_argument("--press-button-at", type=int, action="append", metavar="FRAME",
                    help="simulate an enrolment button press at this frame (demos and tests; repeatable)")
+    # Listed for --help; main() hands its arguments straight to engines.build_trt (see there for options).
+    sub.add_parser("build-engine", help="build the TensorRT engine: --precision fp16|fp32, --max-batch, --dry-run …")
+    p = store_command("doctor", cmd_doctor, "check config, models, store, camera and GPIO without starting")
+    p.add_argument("--source", default=None, help="camera URI to test (default: camera.source in the config)")
+    p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path in the config)")
+    p.add_argument("--no-camera", action="store_true", help="skip the camera check")
     p = command("log", cmd_log, "show the door decisions from the audit log")
     p.add_argument("--since", default=None, help="15m, 2h, 7d or an ISO time")
     p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path in the config)")
@@ -450,6 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["build-engine"]:
+        from engines.build_trt import main as build_engine
+
+        return build_engine(argv[1:])
     args = build_parser().parse_args(argv)
     quiet = logging.INFO if args.command == "run" else logging.WARNING
     logging.basicConfig(level=logging.DEBUG if args.verbose else quiet, format="%(levelname)s %(name)s %(message)s")

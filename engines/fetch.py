@@ -154,6 +154,24 @@ def ensure_models(models_dir: Path | None = None) -> dict:
     return manifest
 
 
+def verify_models(models_dir: Path | None = None) -> list[str]:
+    """Check every file recorded by `make models` against its sha256 without downloading; returns the names."""
+    models_dir = models_dir or default_models_dir()
+    manifest_path = models_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise ModelError(f"no models in {models_dir}: run `make models`")
+    try:
+        records = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        raise ModelError(f"{manifest_path} is corrupt: run `make models` again") from None
+    for record in records:
+        path = models_dir / record["file"]
+        if not path.exists():
+            raise ModelError(f"{path} is missing: run `make models`")
+        check_sha(path, record["sha256"])
+    return [r["file"] for r in records]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.fetch", description=__doc__.splitlines()[0])
     parser.add_argument("--models-dir", type=Path, default=None, help="where models are kept (default: ./models)")
