@@ -151,7 +151,7 @@ def open_store(config: Config, args, fingerprint: str | None = None):
     from edge.store import Store
 
     path = getattr(args, "store", None) or config.store.path
-    fingerprint = fingerprint or model_fingerprint(config.resolved_models_dir())
+    fingerprint = fingerprint or model_fingerprint(config.resolved_models_dir(), config.embedder.mirror_average)
     return Store.open(
         path, fingerprint=fingerprint, key_path=config.store.key_file,
         max_embeddings_per_person=config.enroll.max_embeddings_per_person,

@@ -60,8 +60,8 @@ def align_chip(image: np.ndarray, landmarks: np.ndarray, *, size_px: int = 150, 
 
 
 def mirror_chip(chip: np.ndarray) -> np.ndarray:
-    """The chip flipped left-right (for test-time augmentation)."""
-    return np.ascontiguousarray(chip[:, ::-1])
+    """The chip (H, W, C) or a batch of chips (N, H, W, C) flipped left-right (test-time augmentation)."""
+    return np.ascontiguousarray(np.flip(chip, axis=-2))
 
 
 def _similarity(src: np.ndarray, dst: np.ndarray, centre_src: float) -> tuple[float, float, tuple[float, float]]:

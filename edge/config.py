@@ -29,6 +29,7 @@ class EmbedderConfig(Section):
     )
     threads: int = Field(1, ge=1, le=64, description="CPU threads for the embedding backend (1 is fastest on 2-4 cores)")
     max_batch: int = Field(8, ge=1, le=64, description="most faces embedded in one forward pass")
+    mirror_average: bool = Field(True, description="average each face's embedding with its mirror image's (stores remember the setting)")
 
 
 class MatchConfig(Section):

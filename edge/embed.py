@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.align import mirror_chip
 from edge.config import EmbedderConfig
 from edge.errors import ModelError
 from engines.fetch import sha256_file
@@ -14,6 +15,7 @@ CHIP_PX = 150
 # Bump when anything between the aligned chip and the stored vector changes (alignment, normalisation):
 # stores enrolled under another version must not be matched against new embeddings.
 PREPROCESS_VERSION = "chip150-pad0.25-unit-v1"
+MIRROR_TAG = "mirror-avg"
 
 
 def chips_to_batch(chips_bgr: np.ndarray) -> np.ndarray:
@@ -26,23 +28,24 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def fingerprint_of(onnx_sha256: str) -> str:
+def fingerprint_of(onnx_sha256: str, mirror_average: bool) -> str:
     """What a store is stamped with: embeddings are comparable only under the same model and preprocessing."""
-    return f"{onnx_sha256}:{PREPROCESS_VERSION}"
+    return f"{onnx_sha256}:{PREPROCESS_VERSION}" + (f"+{MIRROR_TAG}" if mirror_average else "")
 
 
-def model_fingerprint(models_dir: Path) -> str:
+def model_fingerprint(models_dir: Path, mirror_average: bool) -> str:
     """The fingerprint without loading a backend (for store commands that embed nothing)."""
-    return fingerprint_of(sha256_file(onnx_path_in(models_dir)))
+    return fingerprint_of(sha256_file(onnx_path_in(models_dir)), mirror_average)
 
 
 class Embedder:
     """Batches chips through one backend; `fingerprint` identifies the model + preprocessing for the store."""
 
-    def __init__(self, backend, *, onnx_sha256: str, max_batch: int = 8) -> None:
+    def __init__(self, backend, *, onnx_sha256: str, max_batch: int = 8, mirror_average: bool = True) -> None:
         self.backend = backend
         self.max_batch = max_batch
-        self.fingerprint = fingerprint_of(onnx_sha256)
+        self.mirror_average = mirror_average
+        self.fingerprint = fingerprint_of(onnx_sha256, mirror_average)
 
     @property
     def name(self) -> str:
@@ -57,9 +60,19 @@ class Embedder:
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def embed(self, chips_bgr: np.ndarray) -> np.ndarray:
-        """Unit-length embeddings, compared by L2 distance against `match.threshold_l2`."""
-        raw = self.embed_raw(chips_bgr)
-        return unit(raw) if len(raw) else raw
+        """Unit-length embeddings, compared by L2 distance against `match.threshold_l2`.
+
+        With mirror averaging, each chip and its horizontal mirror go through the network in one batch and the
+        result is unit(unit(e(chip)) + unit(e(mirror))): a cheap test-time augmentation that separates
+        genuine from impostor pairs better than either alone (README, Accuracy).
+        """
+        if len(chips_bgr) == 0:
+            return np.zeros((0, 128), np.float32)
+        if not self.mirror_average:
+            return unit(self.embed_raw(chips_bgr))
+        both = unit(self.embed_raw(np.concatenate([chips_bgr, mirror_chip(chips_bgr)])))
+        count = len(chips_bgr)
+        return unit(both[:count] + both[count:])
 
     def close(self) -> None:
         self.backend.close()
@@ -83,7 +96,7 @@ def create_embedder(config: EmbedderConfig, models_dir: Path) -> Embedder:
 
         engine = open_matching_engine(models_dir, onnx_sha256=onnx_sha, required=backend_name == "tensorrt")
         if engine is not None:
-            return Embedder(engine, onnx_sha256=onnx_sha, max_batch=config.max_batch)
+            return Embedder(engine, onnx_sha256=onnx_sha, max_batch=config.max_batch, mirror_average=config.mirror_average)
     if backend_name == "opencv":
         from edge.backends.opencv import OpenCVBackend
 
@@ -92,4 +105,4 @@ def create_embedder(config: EmbedderConfig, models_dir: Path) -> Embedder:
         from edge.backends.onnxruntime import OnnxRuntimeBackend
 
         backend = OnnxRuntimeBackend(onnx_path=onnx_path, threads=config.threads)
-    return Embedder(backend, onnx_sha256=onnx_sha, max_batch=config.max_batch)
+    return Embedder(backend, onnx_sha256=onnx_sha, max_batch=config.max_batch, mirror_average=config.mirror_average)
