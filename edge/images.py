@@ -8,6 +8,10 @@ import numpy as np
 
 from edge.errors import InputError
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The IEND chunk (zero length, fixed CRC) closes every complete PNG; without it libpng fails noisily on stderr.
+PNG_IEND = b"IEND\xaeB`\x82"
+
 
 def load_image(path: Path | str) -> np.ndarray:
     """BGR uint8 HxWx3; OpenCV applies EXIF orientation and reduces 16-bit, grey and alpha images to 8-bit BGR."""
@@ -17,13 +21,25 @@ def load_image(path: Path | str) -> np.ndarray:
     if not path.is_file():
         raise InputError(f"{path}: not a file")
     try:
-        with open(path, "rb") as fh:
-            first = fh.read(1)
+        data = path.read_bytes()
     except OSError as err:
         raise InputError(f"{path}: cannot be read ({err.strerror})") from None
-    if not first:
+    if not data:
         raise InputError(f"{path}: empty file")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    image = None if data.startswith(PNG_SIGNATURE) and PNG_IEND not in data else decode_quietly(data)
     if image is None or image.size == 0:
         raise InputError(f"{path}: not a readable image (corrupt or unsupported format)")
     return image
+
+
+def decode_quietly(data: bytes) -> np.ndarray | None:
+    """cv2.imdecode with OpenCV's own error log muted: a bad file must give our one line, not a decoder dump.
+
+    imdecode (unlike imread) also rejects a truncated JPEG instead of returning it padded with grey.
+    """
+    previous = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    finally:
+        cv2.utils.logging.setLogLevel(previous)
