@@ -130,6 +130,18 @@ def cmd_bench(args, config: Config) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             report = bench_store(args.size, tmp_dir=Path(tmp))
         say("  ".join(f"{k} {v}" for k, v in report.items()))
+    elif args.what == "degrade":
+        from edge.degrade import format_rows, run_suite
+        from edge.evaluate import read_pairs
+
+        if not args.pairs:
+            raise InputError("bench degrade needs --pairs FILE (a file_x,file_y,Decision CSV or an LFW pairs.txt)")
+        pairs = read_pairs(args.pairs, args.root or args.pairs.parent, None)
+        rows, recommendation = run_suite(pairs, config, reference=not args.no_reference)
+        say(format_rows(rows))
+        say("recommended threshold_l2 (best accuracy over all variants, no false accept on clean pairs): "
+            + "  ".join(f"{k} {v}" for k, v in recommendation.items()))
+        report = {"rows": rows, "recommendation": recommendation}
     else:
         from edge.bench import format_report, run_bench
 
@@ -484,7 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demo", cmd_demo, "run the real pipeline and door loop on the bundled sample media")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "out" / "demo", help="where the demo writes its files")
     p = command("bench", cmd_bench, "per-stage timings vs face_recognition in the same run (or: bench store)")
-    p.add_argument("what", nargs="?", choices=("pipeline", "store"), default="pipeline")
+    p.add_argument("what", nargs="?", choices=("pipeline", "store", "degrade"), default="pipeline")
+    p.add_argument("--pairs", type=Path, default=None, help="bench degrade: pairs file (CSV or LFW pairs.txt)")
+    p.add_argument("--root", type=Path, default=None, help="bench degrade: image folder (default: the pairs file's)")
     p.add_argument("--video", type=Path, default=SAMPLES / "video" / "walk_toward_camera.mp4", help="video to time")
     p.add_argument("--photos", type=Path, default=None, help="also time every photo under this folder")
     p.add_argument("--frames", type=int, default=None, help="use only the first N video frames")

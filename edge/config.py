@@ -21,6 +21,9 @@ class DetectorConfig(Section):
     max_side_px: int = Field(640, ge=300, le=4096, description="images are downscaled to this longest side before detection")
     max_overhang: float = Field(0.1, ge=0.0, le=0.5, description="reject boxes extending further past the image edge (fraction of box size)")
     max_aspect: float = Field(2.0, ge=1.2, le=4.0, description="reject boxes whose height/width (or width/height) exceeds this")
+    backend: Literal["auto", "opencv", "onnxruntime"] = Field(
+        "auto", description="detector runtime; auto = ONNX Runtime when the converted .onnx exists (make models), else OpenCV dnn"
+    )
 
 
 class EmbedderConfig(Section):
@@ -33,7 +36,7 @@ class EmbedderConfig(Section):
 
 
 class MatchConfig(Section):
-    threshold_l2: float = Field(0.4, gt=0.0, le=2.0, description="accept when the L2 distance between unit embeddings is below this")
+    threshold_l2: float = Field(0.33, gt=0.0, le=2.0, description="accept when the L2 distance between unit embeddings is below this")
     margin_l2: float = Field(0.05, ge=0.0, le=1.0, description="the best person must beat the second best by at least this")
 
 
