@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edge.config import Config, load_config
 from edge.errors import EdgeError, InputError, StoreError
+from edge.images import photos_by_person
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = PROJECT_ROOT / "samples"
@@ -154,16 +155,15 @@ def cmd_bench(args, config: Config) -> int:
 
 
 INTERNAL_ERROR = 3
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def open_store(config: Config, args, fingerprint: str | None = None):
     """The store named by --store (else config.store.path), stamped with the current model's fingerprint."""
-    from edge.embed import model_fingerprint
+    from edge.embed import store_fingerprint
     from edge.store import Store
 
     path = getattr(args, "store", None) or config.store.path
-    fingerprint = fingerprint or model_fingerprint(config.resolved_models_dir(), config.embedder.mirror_average)
+    fingerprint = fingerprint or store_fingerprint(config)
     return Store.open(
         path, fingerprint=fingerprint, key_path=config.store.key_file,
         max_embeddings_per_person=config.enroll.max_embeddings_per_person,
@@ -211,19 +211,6 @@ def enrol_person(pipeline, store, name: str, paths: list[Path], config: Config, 
             person, action = store.add_embeddings(existing.id, embeddings), "added to"
     say(f"{action} {person.name}: {len(paths)} photo(s), {person.embedding_count} template(s)")
     return {"name": person.name, "id": person.id, "photos": [str(p) for p in paths], "templates": person.embedding_count}
-
-
-def photos_by_person(folder: Path) -> dict[str, list[Path]]:
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder (expected one sub-folder of photos per person)")
-    people = {
-        sub.name: sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for sub in sorted(folder.iterdir()) if sub.is_dir()
-    }
-    people = {name: photos for name, photos in people.items() if photos}
-    if not people:
-        raise InputError(f"{folder}: no sub-folders with photos (expected {folder}/NAME/photo.jpg)")
-    return people
 
 
 def cmd_enroll(args, config: Config) -> int:
@@ -522,6 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("person", nargs="?", metavar="PERSON", help="name or id")
     p.add_argument("new_name", nargs="?", metavar="NEW_NAME")
     p.add_argument("--audit", type=Path, default=None, help="remove: audit log to anonymise (default: audit.path)")
+    from edge import evaluate
+
+    p = command("eval-pairs", evaluate.cmd_eval_pairs, "1:1 accuracy, VAL@FAR and ROC on an LFW pairs.txt or a CSV")
+    evaluate.add_eval_pairs_arguments(p)
+    p = command("eval-ident", evaluate.cmd_eval_ident, "open-set 1:N: DIR and FPIR on a folder per person")
+    evaluate.add_eval_ident_arguments(p)
+    p = command("calibrate", evaluate.cmd_calibrate, "recommend match.threshold_l2 for a target FAR (--write: into --config)")
+    evaluate.add_calibrate_arguments(p)
     p = store_command("identify", cmd_identify, "who is in this photo? (exit 1: nobody known)")
     p.add_argument("image", type=Path, metavar="IMG")
     p = store_command("run", cmd_run, "run the door controller (camera → recognition → relay)")

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from edge.errors import CameraError, InputError
-from edge.images import load_image
+from edge.images import IMAGE_SUFFIXES, load_image
 from edge.types import Frame
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 Status = Literal["ok", "lost", "ended"]
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 V4L2_BARE_PREFIXES = ("/dev/video", "/dev/v4l/")
 SUPPORTED_FORMS = (
     "v4l2:///dev/video0 or /dev/videoN, csi://0, rtsp://host/path, "

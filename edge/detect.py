@@ -1,6 +1,14 @@
-"""res10 SSD face detector (OpenCV dnn, Caffe model): preprocess, forward, decode, filter, NMS → list[Face]."""
+"""res10 SSD face detector: preprocess, forward (ONNX Runtime or OpenCV dnn), decode, filter, NMS → list[Face].
+
+Both backends return cv2.dnn's DetectionOutput rows (image_id, label, score, x1, y1, x2, y2 in [0, 1]).
+cv2.dnn runs the whole Caffe net; ONNX Runtime runs the backbone and heads converted by engines.ssd_to_onnx,
+and the PriorBox and DetectionOutput layers are done here in numpy from the parameters in the model's metadata.
+"""
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -10,11 +18,19 @@ from edge.config import DetectorConfig
 from edge.errors import ModelError
 from edge.types import Face
 
+log = logging.getLogger(__name__)
+
 INPUT_SIZE_PX = 300
 # Per-channel BGR means the res10 model was trained with (OpenCV's face_detector sample).
 MEAN_BGR = (104.0, 177.0, 123.0)
 PROTOTXT = "deploy.prototxt"
 CAFFEMODEL = "res10_300x300_ssd_iter_140000.caffemodel"
+ONNX_FILE = "res10_300x300_ssd_iter_140000.onnx"  # made from the two above by `make models`
+METADATA_KEY = "ssd_postprocess"  # where engines.ssd_to_onnx stores the PriorBox / DetectionOutput parameters
+# One intra-op thread: on 2 busy cores two threads were no faster (2x slower with ORT's spinning), and one
+# leaves a core to the other stages.
+ORT_THREADS = 1
+ROW_WIDTH = 7  # image_id, label, score, x1, y1, x2, y2
 
 
 class FaceDetector:
@@ -23,26 +39,170 @@ class FaceDetector:
     def __init__(self, *, models_dir: Path, config: DetectorConfig | None = None) -> None:
         self.models_dir = Path(models_dir)
         self.config = config or DetectorConfig()
-        self._net = None
+        self._ssd: OpenCVSSD | OnnxRuntimeSSD | None = None
 
-    def _load(self) -> cv2.dnn.Net:
-        if self._net is None:
-            proto, weights = self.models_dir / PROTOTXT, self.models_dir / CAFFEMODEL
-            if not (proto.exists() and weights.exists()):
-                raise ModelError(f"detector model missing in {self.models_dir}: run `make models`")
-            self._net = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
-        return self._net
+    @property
+    def backend(self) -> str:
+        """The runtime in use ("onnxruntime" or "opencv"); opens the model."""
+        return self._load().name
+
+    def _load(self) -> OpenCVSSD | OnnxRuntimeSSD:
+        if self._ssd is None:
+            self._ssd = open_ssd(self.models_dir, self.config.backend)
+        return self._ssd
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """All faces passing the score, geometry and size filters (empty list when none)."""
         height, width = image.shape[:2]
-        scale = min(1.0, self.config.max_side_px / max(height, width))
-        small = image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        blob = cv2.dnn.blobFromImage(small, 1.0, (INPUT_SIZE_PX, INPUT_SIZE_PX), MEAN_BGR, swapRB=False, crop=False)
-        net = self._load()
-        net.setInput(blob)
-        raw = net.forward()[0, 0]
+        raw = self._load().rows(preprocess(image, self.config.max_side_px), min_score=self.config.confidence)
         return decode(raw, width, height, self.config)
+
+
+def preprocess(image: np.ndarray, max_side_px: int) -> np.ndarray:
+    """BGR image → (1, 3, 300, 300) float32 blob minus the training means (downscaled first when larger)."""
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side_px / max(height, width))
+    small = image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return cv2.dnn.blobFromImage(small, 1.0, (INPUT_SIZE_PX, INPUT_SIZE_PX), MEAN_BGR, swapRB=False, crop=False)
+
+
+def open_ssd(models_dir: Path, backend: str) -> OpenCVSSD | OnnxRuntimeSSD:
+    """The configured runtime; `auto` takes ONNX Runtime when the converted model exists, else OpenCV dnn."""
+    onnx_path = Path(models_dir) / ONNX_FILE
+    if backend == "onnxruntime" or (backend == "auto" and onnx_path.exists()):
+        return OnnxRuntimeSSD(onnx_path=onnx_path)
+    if backend == "auto":
+        log.warning("detector_fallback backend=opencv missing=%s fix='make models'", onnx_path)
+    return OpenCVSSD(models_dir=Path(models_dir))
+
+
+class OpenCVSSD:
+    """The Caffe model in cv2.dnn, DetectionOutput included."""
+
+    name = "opencv"
+
+    def __init__(self, *, models_dir: Path) -> None:
+        proto, weights = models_dir / PROTOTXT, models_dir / CAFFEMODEL
+        if not (proto.exists() and weights.exists()):
+            raise ModelError(f"detector model missing in {models_dir}: run `make models`")
+        self._net = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
+
+    def rows(self, blob: np.ndarray, min_score: float = 0.0) -> np.ndarray:
+        """DetectionOutput rows for a (1, 3, H, W) blob; min_score is left to decode() here."""
+        self._net.setInput(blob)
+        return self._net.forward()[0, 0]
+
+
+class OnnxRuntimeSSD:
+    """The converted backbone in ONNX Runtime, then PriorBox + DetectionOutput in numpy."""
+
+    name = "onnxruntime"
+
+    def __init__(self, *, onnx_path: Path, threads: int = ORT_THREADS) -> None:
+        import onnxruntime as ort
+
+        if not onnx_path.exists():
+            raise ModelError(f"detector model {onnx_path} missing: run `make models`")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        try:
+            params = json.loads(self._session.get_modelmeta().custom_metadata_map[METADATA_KEY])
+            self._heads, self._detection = params["priors"], params["detection"]
+        except (KeyError, ValueError, TypeError):
+            raise ModelError(f"{onnx_path} lacks the SSD metadata: delete it and run `make models`") from None
+        self._input = self._session.get_inputs()[0].name
+        self._priors: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def rows(self, blob: np.ndarray, min_score: float = 0.0) -> np.ndarray:
+        """DetectionOutput rows for a (1, 3, H, W) blob, leaving out scores below min_score (a speed-up only:
+        greedy NMS never lets a lower score suppress a higher one, so the rows above it are unchanged)."""
+        loc, conf, grids = self._session.run(None, {self._input: blob})
+        key = (tuple(grids.tolist()), blob.shape[2], blob.shape[3])
+        if key not in self._priors:
+            self._priors[key] = prior_boxes(self._heads, key[0], image_hw=key[1:])
+        priors, variances = self._priors[key]
+        scores = conf.reshape(len(priors), -1)
+        return detection_output(loc.reshape(-1, 4), scores, priors, variances, self._detection, min_score)
+
+
+def prior_boxes(heads: list[dict], grids: Sequence[int], image_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Caffe SSD's PriorBox layers, concatenated: (P, 4) boxes (x1, y1, x2, y2 normalised) and (P, 4) variances.
+    `grids` is (rows, cols) of each head's feature map; boxes run row, column, then box shape (OpenCV's order)."""
+    image_h, image_w = image_hw
+    boxes, variances = [], []
+    for head, rows, cols in zip(heads, grids[0::2], grids[1::2]):
+        step_y = head["step_px"] or image_h / rows
+        step_x = head["step_px"] or image_w / cols
+        sizes = np.asarray(head["sizes_px"], dtype=np.float32)  # (K, 2) width, height
+        cy = ((np.arange(rows, dtype=np.float32) + head["offset"]) * np.float32(step_y))[:, None, None]
+        cx = ((np.arange(cols, dtype=np.float32) + head["offset"]) * np.float32(step_x))[None, :, None]
+        half_w, half_h = sizes[:, 0] * np.float32(0.5), sizes[:, 1] * np.float32(0.5)
+        corners = np.stack(
+            np.broadcast_arrays((cx - half_w) / image_w, (cy - half_h) / image_h, (cx + half_w) / image_w,
+                                (cy + half_h) / image_h),
+            axis=-1,
+        ).reshape(-1, 4)
+        boxes.append(corners.clip(0, 1) if head["clip"] else corners)
+        variances.append(np.broadcast_to(np.asarray(head["variance"], dtype=np.float32), corners.shape))
+    return np.concatenate(boxes).astype(np.float32), np.concatenate(variances).astype(np.float32)
+
+
+def decode_boxes(loc: np.ndarray, priors: np.ndarray, variances: np.ndarray) -> np.ndarray:
+    """Caffe's CENTER_SIZE decoding (variances kept in the priors): offsets (P, 4) → boxes (P, 4) x1, y1, x2, y2."""
+    prior_wh = priors[:, 2:] - priors[:, :2]
+    prior_center = priors[:, :2] + prior_wh * np.float32(0.5)
+    center = variances[:, :2] * loc[:, :2] * prior_wh + prior_center
+    half = np.exp(variances[:, 2:] * loc[:, 2:]) * prior_wh * np.float32(0.5)
+    return np.concatenate([center - half, center + half], axis=1)
+
+
+def nms_keep(boxes: np.ndarray, threshold: float, limit: int) -> np.ndarray:
+    """Greedy NMS over boxes sorted by score (best first): indices kept, at most `limit`. A box is kept when its
+    IoU with every kept box is at most threshold (Caffe's ApplyNMSFast with eta 1)."""
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    inter_w = np.minimum(boxes[:, None, 2], boxes[None, :, 2]) - np.maximum(boxes[:, None, 0], boxes[None, :, 0])
+    inter_h = np.minimum(boxes[:, None, 3], boxes[None, :, 3]) - np.maximum(boxes[:, None, 1], boxes[None, :, 1])
+    inter = np.where((inter_w > 0) & (inter_h > 0), inter_w * inter_h, 0)
+    iou = inter / np.maximum(areas[:, None] + areas[None, :] - inter, np.finfo(np.float32).tiny)
+    suppressed = np.zeros(len(boxes), dtype=bool)
+    keep = []
+    for i in range(len(boxes)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        if len(keep) >= limit:
+            break
+        suppressed |= iou[i] > threshold
+    return np.asarray(keep, dtype=np.int64)
+
+
+def detection_output(
+    loc: np.ndarray, scores: np.ndarray, priors: np.ndarray, variances: np.ndarray, params: dict, min_score: float = 0.0
+) -> np.ndarray:
+    """Caffe SSD's DetectionOutput as cv2.dnn runs it: per class (background skipped) the top_k scores above the
+    threshold, greedy NMS, then the keep_top_k best over all classes; rows sorted by score, best first."""
+    threshold = params["confidence_threshold"]
+    classes = [c for c in range(params["num_classes"]) if c != params["background_label_id"]]
+    top_k = params["top_k"] if params["top_k"] > 0 else len(priors)
+    keep_top_k = params["keep_top_k"] if params["keep_top_k"] > -1 else len(priors) * len(classes)
+    limit = keep_top_k if len(classes) == 1 else len(priors)
+    found = []
+    for label in classes:
+        candidates = np.flatnonzero((scores[:, label] > threshold) & (scores[:, label] >= min_score))
+        order = candidates[np.argsort(-scores[candidates, label], kind="stable")][:top_k]
+        boxes = decode_boxes(loc[order], priors[order], variances[order])
+        if params["clip"]:
+            boxes = boxes.clip(0, 1)
+        kept = nms_keep(boxes, params["nms_threshold"], limit)
+        rows = np.zeros((len(kept), ROW_WIDTH), dtype=np.float32)
+        rows[:, 1], rows[:, 2], rows[:, 3:] = label, scores[order[kept], label], boxes[kept]
+        found.append(rows)
+    rows = np.concatenate(found) if found else np.zeros((0, ROW_WIDTH), np.float32)
+    return rows[np.argsort(-rows[:, 2], kind="stable")][:keep_top_k]
 
 
 def decode(raw: np.ndarray, width: int, height: int, config: DetectorConfig) -> list[Face]:

@@ -38,6 +38,11 @@ def model_fingerprint(models_dir: Path, mirror_average: bool) -> str:
     return fingerprint_of(sha256_file(onnx_path_in(models_dir)), mirror_average)
 
 
+def store_fingerprint(config) -> str:
+    """The fingerprint a store enrolled under this config must carry (edge.config.Config)."""
+    return model_fingerprint(config.resolved_models_dir(), config.embedder.mirror_average)
+
+
 class Embedder:
     """Batches chips through one backend; `fingerprint` identifies the model + preprocessing for the store."""
 

@@ -13,6 +13,21 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_IEND = b"IEND\xaeB`\x82"
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def photos_by_person(folder: Path) -> dict[str, list[Path]]:
+    """folder/NAME/*.jpg → {NAME: sorted photos}; people without photos are left out; InputError when none."""
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (expected one sub-folder of photos per person)")
+    people = {sub.name: sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+              for sub in sorted(folder.iterdir()) if sub.is_dir()}
+    people = {name: photos for name, photos in people.items() if photos}
+    if not people:
+        raise InputError(f"{folder}: no sub-folders with photos (expected {folder}/NAME/photo.jpg)")
+    return people
+
+
 def load_image(path: Path | str) -> np.ndarray:
     """BGR uint8 HxWx3; OpenCV applies EXIF orientation and reduces 16-bit, grey and alpha images to 8-bit BGR."""
     path = Path(path)

@@ -166,14 +166,15 @@ class Kiosk:
             while max_frames is None or processed < max_frames:
                 notifier.watchdog()
                 frame = source.read()
-                status = getattr(source, "status", "ok")
                 if frame is None:
-                    if status == "lost":
-                        if not lost:
-                            lost = True
-                            self._event("camera_lost", Frame(image=None, index=processed, t_s=0.0))
-                        continue
-                    break
+                    status = getattr(source, "status", "ended")
+                    if status == "ended":
+                        break
+                    if status == "lost" and not lost:
+                        lost = True
+                        self.door.lock()
+                        self._event("camera_lost", Frame(image=None, index=processed, t_s=0.0))
+                    continue
                 if lost:
                     lost = False
                     self._event("camera_ok", frame)

@@ -12,6 +12,7 @@ MODEL_FILES = (
     "res10_300x300_ssd_iter_140000.caffemodel",
     "dlib_face_recognition_resnet_model_v1.onnx",
     "shape_predictor_5_face_landmarks.npz",
+    "res10_300x300_ssd_iter_140000.onnx",
 )
 SHARED_DATA = Path(os.environ.get("EDGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 

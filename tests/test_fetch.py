@@ -74,12 +74,14 @@ def test_main_prints_one_line_and_exits_2_on_tampering(models_dir, tmp_path, mon
 def test_second_run_is_offline_and_converts_nothing(models_dir, monkeypatch, no_network):
     import engines.dlib_to_onnx
     import engines.sp_to_npz
+    import engines.ssd_to_onnx
 
     def no_convert(*args):
         raise AssertionError("converted again")
 
     monkeypatch.setattr(engines.dlib_to_onnx, "convert", no_convert)
     monkeypatch.setattr(engines.sp_to_npz, "convert", no_convert)
+    monkeypatch.setattr(engines.ssd_to_onnx, "convert", no_convert)
     start = time.perf_counter()
     manifest = fetch.ensure_models(models_dir)
     elapsed_s = time.perf_counter() - start
@@ -91,6 +93,7 @@ def test_second_run_is_offline_and_converts_nothing(models_dir, monkeypatch, no_
         "shape_predictor_5_face_landmarks.dat",
         "dlib_face_recognition_resnet_model_v1.onnx",
         "shape_predictor_5_face_landmarks.npz",
+        "res10_300x300_ssd_iter_140000.onnx",
     }
     print(f"second run: {elapsed_s:.2f} s (hashing only)")
 
@@ -98,7 +101,8 @@ def test_second_run_is_offline_and_converts_nothing(models_dir, monkeypatch, no_
 def test_tampered_converted_model_is_refused(models_dir, tmp_path, no_network):
     for package in fetch.load_pins()["packages"]:
         copy_package_files(package, models_dir, tmp_path)
-    for name in ("dlib_face_recognition_resnet_model_v1.onnx", "shape_predictor_5_face_landmarks.npz", "manifest.json"):
+    converted = ("dlib_face_recognition_resnet_model_v1.onnx", "shape_predictor_5_face_landmarks.npz", "res10_300x300_ssd_iter_140000.onnx")
+    for name in converted + ("manifest.json",):
         shutil.copy(models_dir / name, tmp_path / name)
     onnx_file = tmp_path / "dlib_face_recognition_resnet_model_v1.onnx"
     data = bytearray(onnx_file.read_bytes())

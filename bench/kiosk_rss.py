@@ -1,0 +1,140 @@
+"""Kiosk memory over a long run: the real loop (real pipeline, store, audit log, simulated door) on the sample video,
+played in a loop for 1000 frames (full 1920×1080 frames, the heavier case), with a button press at frame 40 so the
+enrolment, unlock and audit paths run too. Prints peak RSS (getrusage) and current RSS, fps and the median step.
+
+Goal: RSS ≤ 300 MB after 1000 frames; printed here, never asserted in a timed test.
+Usage: python bench/kiosk_rss.py [--frames 1000] [--people ../shared/data/people/train]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge.__main__ import enrol_person, photos_by_person  # noqa: E402
+from edge.audit import AuditLog  # noqa: E402
+from edge.bench import peak_rss_mib  # noqa: E402
+from edge.camera import open_source  # noqa: E402
+from edge.config import Config  # noqa: E402
+from edge.door import SimulatedDoor  # noqa: E402
+from edge.errors import InputError  # noqa: E402
+from edge.kiosk import Kiosk  # noqa: E402
+from edge.pipeline import Pipeline  # noqa: E402
+from edge.sdnotify import Notifier  # noqa: E402
+from edge.store import Store  # noqa: E402
+from edge.types import Frame  # noqa: E402
+
+VIDEO = ROOT / "samples" / "video" / "walk_toward_camera.mp4"
+PEOPLE = ROOT.parent / "shared" / "data" / "people" / "train"
+RSS_GOAL_MIB = 300
+RSS_EVERY_FRAMES = 100
+BUTTON_FRAME = 40
+KIB_PER_MIB = 1024
+
+
+def current_rss_mib() -> float:
+    """Resident memory now (Linux /proc), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / KIB_PER_MIB
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+class LoopedVideo:
+    """The video file re-opened at its end, forever; indices and timestamps keep counting up like a live camera."""
+
+    status = "ok"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._source = open_source(str(path))
+        self._index = 0
+        self._period_s = 0.0  # the file source stamps frame i at i / fps: frame 1 tells the period
+
+    def read(self) -> Frame:
+        frame = self._source.read()
+        if frame is None:
+            self._source.close()
+            self._source = open_source(str(self.path))
+            frame = self._source.read()
+        if frame.index == 1:
+            self._period_s = frame.t_s
+        looped = Frame(frame.image, self._index, self._index * self._period_s)
+        self._index += 1
+        return looped
+
+    def close(self) -> None:
+        self._source.close()
+
+
+def enrol_folder(pipeline: Pipeline, store: Store, folder: Path, config: Config) -> list[str]:
+    """Enrol every person folder the way `python -m edge enroll --from-dir` does; returns who was enrolled."""
+    options = SimpleNamespace(largest=True, force=False, note=None)
+    enrolled = []
+    for name, photos in photos_by_person(folder).items():
+        try:
+            enrolled.append(enrol_person(pipeline, store, name, photos, config, options)["name"])
+        except InputError as err:
+            print(f"skipped {name}: {err}", file=sys.stderr)
+    return enrolled
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1000)
+    parser.add_argument("--people", type=Path, default=PEOPLE, help="folder per person to enrol first (if present)")
+    args = parser.parse_args()
+    config = Config()
+    pipeline = Pipeline(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.open(Path(tmp) / "store.edgestore", fingerprint=pipeline.embedder.fingerprint)
+        people = enrol_folder(pipeline, store, args.people, config) if args.people.is_dir() else []
+        audit = AuditLog(Path(tmp) / "audit.sqlite")
+        kiosk = Kiosk(config=config, pipeline=pipeline, store=store, door=SimulatedDoor(), audit=audit,
+                      press_button_at={BUTTON_FRAME})
+        rss_before_mib = current_rss_mib()
+        step_ms: list[float] = []
+        rss_trace: list[tuple[int, float]] = []
+        step = kiosk.step
+
+        def timed_step(frame: Frame) -> list[dict]:
+            start = time.perf_counter()
+            events = step(frame)
+            step_ms.append((time.perf_counter() - start) * 1e3)
+            if len(step_ms) % RSS_EVERY_FRAMES == 0:
+                rss_trace.append((len(step_ms), round(current_rss_mib(), 1)))
+            return events
+
+        kiosk.step = timed_step  # run() calls self.step: the real loop, timed per frame
+        source = LoopedVideo(VIDEO)
+        started = time.perf_counter()
+        try:
+            frames = kiosk.run(source, notifier=Notifier(environ={}), max_frames=args.frames)
+        finally:
+            source.close()
+            audit.close()
+        elapsed_s = time.perf_counter() - started
+        rss_after_mib, peak_mib = current_rss_mib(), peak_rss_mib()
+        summary = kiosk.summary(frames, elapsed_s)
+    pipeline.close()
+    print(f"kiosk_rss: {frames} frames of {VIDEO.name} (looped, {len(people)} people enrolled first: "
+          f"{', '.join(people) or 'none'}; backend {pipeline.embedder.name})")
+    print(f"  fps {summary['fps']}  step ms median {statistics.median(step_ms):.1f}  "
+          f"p95 {statistics.quantiles(step_ms, n=20)[-1]:.1f}  events "
+          + " ".join(f"{k.removesuffix('_events')}={v}" for k, v in summary.items() if k.endswith("_events")))
+    print(f"  RSS MiB: before loop {rss_before_mib:.1f}  at frame {rss_trace[-1][0]} {rss_trace[-1][1]}  "
+          f"after the run (camera closed) {rss_after_mib:.1f}  peak {peak_mib:.1f}  "
+          f"(goal ≤ {RSS_GOAL_MIB}: {'ok' if peak_mib <= RSS_GOAL_MIB else 'OVER'})")
+    print("  RSS every 100 frames: " + " ".join(f"{n}:{mib}" for n, mib in rss_trace))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
