@@ -53,6 +53,7 @@ class GpioDoor:
         """Energise the relay for pulse_s seconds in the background, then lock again."""
         self.open()
         seconds = self.pulse_s if pulse_s is None else pulse_s
+        self._relay.on()  # energised before this returns; blink's thread then ends the pulse
         self._relay.blink(on_time=seconds, off_time=0, n=1, background=True)
         if self._led is not None:
             self._led.blink(on_time=seconds, off_time=0, n=1, background=True)

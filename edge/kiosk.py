@@ -17,6 +17,7 @@ import numpy as np
 
 from edge.config import Config
 from edge.decide import Decider, Decision
+from edge.errors import StoreError
 from edge.quality import quality_problem, quality_score
 from edge.sdnotify import Notifier
 from edge.types import EmbeddedFace, Frame
@@ -139,9 +140,14 @@ class Kiosk:
         other, distance = self.store.nearest(face.embedding)
         if other is not None and distance < self.config.match.threshold_l2:
             return self._event("enroll_refused", frame, reason=f"already enrolled as {other.name}", distance_l2=round(distance, 4))
-        name = datetime.now().strftime("person-%Y%m%d-%H%M%S")
-        with self.store.edit():
-            self.store.add_person(name, face.embedding[None, :], note=f"button enrolment, frame {frame.index}")
+        base = datetime.now().strftime("person-%Y%m%d-%H%M%S")
+        try:
+            with self.store.edit():
+                taken = {p.name for p in self.store.persons}
+                name = next(n for n in (base, *(f"{base}-{i}" for i in range(2, 100))) if n not in taken)
+                self.store.add_person(name, face.embedding[None, :], note=f"button enrolment, frame {frame.index}")
+        except StoreError as err:  # the door loop goes on; the admin sees why and can press again
+            return self._event("enroll_refused", frame, reason=str(err))
         self.door.confirm()
         return self._event("enrolled", frame, person=name)
 
@@ -160,6 +166,7 @@ class Kiosk:
         previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         processed = 0
         lost = False
+        last = Frame(image=None, index=-1, t_s=0.0)  # the latest frame, to place camera_lost in time
         try:
             self.door.open()
             notifier.ready()
@@ -173,13 +180,14 @@ class Kiosk:
                     if status == "lost" and not lost:
                         lost = True
                         self.door.lock()
-                        self._event("camera_lost", Frame(image=None, index=processed, t_s=0.0))
+                        self._event("camera_lost", Frame(image=None, index=last.index, t_s=last.t_s))
                     continue
                 if lost:
                     lost = False
                     self._event("camera_ok", frame)
                 self.step(frame)
                 processed += 1
+                last = frame
         except Stop:
             log.info("event=stopping reason=signal")
         finally:
