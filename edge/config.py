@@ -24,13 +24,14 @@ class DetectorConfig(Section):
     backend: Literal["auto", "opencv", "onnxruntime"] = Field(
         "auto", description="detector runtime; auto = ONNX Runtime when the converted .onnx exists (make models), else OpenCV dnn"
     )
+    threads: int = Field(2, ge=1, le=64, description="CPU threads for the ONNX Runtime detector (README, Speed)")
 
 
 class EmbedderConfig(Section):
     backend: Literal["auto", "onnxruntime", "opencv", "tensorrt"] = Field(
         "auto", description="embedding backend; auto = TensorRT when a matching engine exists, else ONNX Runtime"
     )
-    threads: int = Field(1, ge=1, le=64, description="CPU threads for the embedding backend (1 is fastest on 2-4 cores)")
+    threads: int = Field(2, ge=1, le=64, description="CPU threads for the embedding backend (README, Speed: 2 on a 2-core board)")
     max_batch: int = Field(8, ge=1, le=64, description="most faces embedded in one forward pass")
     mirror_average: bool = Field(True, description="average each face's embedding with its mirror image's (stores remember the setting)")
 

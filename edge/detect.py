@@ -27,9 +27,6 @@ PROTOTXT = "deploy.prototxt"
 CAFFEMODEL = "res10_300x300_ssd_iter_140000.caffemodel"
 ONNX_FILE = "res10_300x300_ssd_iter_140000.onnx"  # made from the two above by `make models`
 METADATA_KEY = "ssd_postprocess"  # where engines.ssd_to_onnx stores the PriorBox / DetectionOutput parameters
-# One intra-op thread: on 2 busy cores two threads were no faster (2x slower with ORT's spinning), and one
-# leaves a core to the other stages.
-ORT_THREADS = 1
 ROW_WIDTH = 7  # image_id, label, score, x1, y1, x2, y2
 
 
@@ -48,7 +45,7 @@ class FaceDetector:
 
     def _load(self) -> OpenCVSSD | OnnxRuntimeSSD:
         if self._ssd is None:
-            self._ssd = open_ssd(self.models_dir, self.config.backend)
+            self._ssd = open_ssd(self.models_dir, self.config.backend, self.config.threads)
         return self._ssd
 
     def detect(self, image: np.ndarray) -> list[Face]:
@@ -66,11 +63,11 @@ def preprocess(image: np.ndarray, max_side_px: int) -> np.ndarray:
     return cv2.dnn.blobFromImage(small, 1.0, (INPUT_SIZE_PX, INPUT_SIZE_PX), MEAN_BGR, swapRB=False, crop=False)
 
 
-def open_ssd(models_dir: Path, backend: str) -> OpenCVSSD | OnnxRuntimeSSD:
+def open_ssd(models_dir: Path, backend: str, threads: int) -> OpenCVSSD | OnnxRuntimeSSD:
     """The configured runtime; `auto` takes ONNX Runtime when the converted model exists, else OpenCV dnn."""
     onnx_path = Path(models_dir) / ONNX_FILE
     if backend == "onnxruntime" or (backend == "auto" and onnx_path.exists()):
-        return OnnxRuntimeSSD(onnx_path=onnx_path)
+        return OnnxRuntimeSSD(onnx_path=onnx_path, threads=threads)
     if backend == "auto":
         log.warning("detector_fallback backend=opencv missing=%s fix='make models'", onnx_path)
     return OpenCVSSD(models_dir=Path(models_dir))
@@ -98,17 +95,12 @@ class OnnxRuntimeSSD:
 
     name = "onnxruntime"
 
-    def __init__(self, *, onnx_path: Path, threads: int = ORT_THREADS) -> None:
-        import onnxruntime as ort
+    def __init__(self, *, onnx_path: Path, threads: int) -> None:
+        from edge.backends.onnxruntime import cpu_session
 
         if not onnx_path.exists():
             raise ModelError(f"detector model {onnx_path} missing: run `make models`")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self._session = cpu_session(onnx_path, threads)
         try:
             params = json.loads(self._session.get_modelmeta().custom_metadata_map[METADATA_KEY])
             self._heads, self._detection = params["priors"], params["detection"]

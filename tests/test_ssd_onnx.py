@@ -303,7 +303,7 @@ def cv_ssd(models_dir) -> OpenCVSSD:
 
 @pytest.fixture(scope="module")
 def ort_ssd(onnx_path) -> OnnxRuntimeSSD:
-    return OnnxRuntimeSSD(onnx_path=onnx_path)
+    return OnnxRuntimeSSD(onnx_path=onnx_path, threads=1)
 
 
 @pytest.fixture(scope="module")
