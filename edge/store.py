@@ -698,6 +698,10 @@ def _write_atomically(path: Path, chunks: list[bytes | memoryview], *, backup: P
 
 def _link_replace(source: Path, target: Path) -> None:
     """Make `target` another name of `source` atomically (a copy on filesystems without hard links)."""
+    if target.exists() and os.path.samefile(source, target):
+        # Already one file (a writer was killed between linking the backup and renaming the new store). rename()
+        # between two names of one file does nothing, so going on would leave the staging name behind.
+        return
     staging = target.with_name(f".{target.name}.{secrets.token_hex(ID_BYTES)}{TEMP_SUFFIX}")
     try:
         os.link(source, staging)

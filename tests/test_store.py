@@ -485,3 +485,17 @@ def test_sigkill_during_saves_loses_no_committed_person(path: Path, rng: np.rand
     with store.edit():
         store.add_person("after the crashes", unit(rng))
     assert not list(path.parent.glob("*.tmp")), "stale temp files of killed writers are removed by the next save"
+
+
+def test_save_after_a_kill_between_backup_link_and_rename_leaves_no_temp(path: Path, rng: np.random.Generator) -> None:
+    store = open_store(path)
+    with store.edit():
+        store.add_person("ann", unit(rng))
+    # A writer killed after hard-linking the backup to the live file but before renaming its new file over it
+    # leaves .bak and the store as two names of one file.
+    store.backup_path.unlink(missing_ok=True)
+    os.link(path, store.backup_path)
+    with store.edit():
+        store.add_person("bob", unit(rng))
+    assert not list(path.parent.glob("*.tmp"))
+    assert [p.name for p in open_store(path).persons] == ["ann", "bob"]
