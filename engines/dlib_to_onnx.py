@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from edge.errors import ModelError
 from engines.dlib_serial import DlibFormatError, DlibReader
+from engines.onnx_common import IR_VERSION, OPSET, Graph, run_conversion, write_atomically
 
-OPSET = 17
-IR_VERSION = 8  # that of ONNX 1.12, which introduced opset 17: readable by older runtimes (JetPack TensorRT)
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "chips", "embeddings", "batch"
 INPUT_CHANNELS = 3
 PIXEL_SCALE = 1.0 / 256.0  # dlib's input layer: (pixel - mean) / 256, exact in float32
@@ -321,30 +319,7 @@ def _output_size(size: int, window: int, stride: int, pad: int) -> int:
     return out
 
 
-class _Graph:
-    """Accumulates nodes and initializers with unique names."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._count = 0
-
-    def _name(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}_{self._count}"
-
-    def const(self, hint: str, array: np.ndarray) -> str:
-        name = self._name(hint)
-        self.initializers.append(numpy_helper.from_array(array, name))
-        return name
-
-    def node(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
-        output = output or self._name(op.lower())
-        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
-        return output
-
-
-def _conv(graph: _Graph, value: Value, conv: Conv) -> Value:
+def _conv(graph: Graph, value: Value, conv: Conv) -> Value:
     name, (channels, rows, cols) = value
     filters, in_channels, kh, kw = conv.weights.shape
     if in_channels != channels:
@@ -358,7 +333,7 @@ def _conv(graph: _Graph, value: Value, conv: Conv) -> Value:
     return out, (filters, _output_size(rows, kh, sy, py), _output_size(cols, kw, sx, px))
 
 
-def _pool(graph: _Graph, value: Value, pool: Pool, op: str) -> Value:
+def _pool(graph: Graph, value: Value, pool: Pool, op: str) -> Value:
     name, (channels, rows, cols) = value
     if pool.window == (0, 0):
         if op != "avg_pool":
@@ -375,7 +350,7 @@ def _pool(graph: _Graph, value: Value, pool: Pool, op: str) -> Value:
     return out, (channels, _output_size(rows, wy, sy, py), _output_size(cols, wx, sx, px))
 
 
-def _pad_to(graph: _Graph, value: Value, shape: Shape) -> str:
+def _pad_to(graph: Graph, value: Value, shape: Shape) -> str:
     """Zero-pad a value at the end of each of its dimensions up to `shape` (dlib's add of unequal tensors)."""
     name, own = value
     if own == shape:
@@ -385,12 +360,12 @@ def _pad_to(graph: _Graph, value: Value, shape: Shape) -> str:
     return graph.node("Pad", [name, graph.const("pads", pads)], mode="constant")
 
 
-def _add(graph: _Graph, first: Value, second: Value) -> Value:
+def _add(graph: Graph, first: Value, second: Value) -> Value:
     shape = tuple(max(a, b) for a, b in zip(first[1], second[1]))
     return graph.node("Add", [_pad_to(graph, first, shape), _pad_to(graph, second, shape)]), shape
 
 
-def _fc(graph: _Graph, value: Value, fc: Fc) -> tuple[str, int]:
+def _fc(graph: Graph, value: Value, fc: Fc) -> tuple[str, int]:
     """Flatten (dlib's k, rows, cols order) then MatMul; returns the output name and width."""
     name, shape = value
     inputs, outputs = fc.weights.shape
@@ -400,7 +375,7 @@ def _fc(graph: _Graph, value: Value, fc: Fc) -> tuple[str, int]:
     return graph.node("MatMul", [flat, graph.const("fc_w", fc.weights)], output=OUTPUT_NAME), outputs
 
 
-def _normalise(graph: _Graph, means_rgb: tuple[float, float, float]) -> str:
+def _normalise(graph: Graph, means_rgb: tuple[float, float, float]) -> str:
     means = np.array(means_rgb, dtype=np.float32).reshape(1, INPUT_CHANNELS, 1, 1)
     centred = graph.node("Sub", [INPUT_NAME, graph.const("means_rgb", means)])
     return graph.node("Mul", [centred, graph.const("pixel_scale", np.array(PIXEL_SCALE, dtype=np.float32))])
@@ -408,7 +383,7 @@ def _normalise(graph: _Graph, means_rgb: tuple[float, float, float]) -> str:
 
 def build_graph(net: DlibResNet) -> onnx.ModelProto:
     """The ONNX model for a parsed network; tags and skips are followed as dlib does."""
-    graph = _Graph()
+    graph = Graph()
     value: Value = (_normalise(graph, net.means_rgb), (INPUT_CHANNELS, net.size_px, net.size_px))
     tags: dict[str, Value] = {}
     embedding_dim = 0
@@ -430,7 +405,7 @@ def build_graph(net: DlibResNet) -> onnx.ModelProto:
     return _model(graph, embedding_dim, net)
 
 
-def _model(graph: _Graph, embedding_dim: int, net: DlibResNet) -> onnx.ModelProto:
+def _model(graph: Graph, embedding_dim: int, net: DlibResNet) -> onnx.ModelProto:
     chips = helper.make_tensor_value_info(
         INPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, INPUT_CHANNELS, net.size_px, net.size_px]
     )
@@ -456,19 +431,6 @@ def _model(graph: _Graph, embedding_dim: int, net: DlibResNet) -> onnx.ModelProt
 # ---- file --------------------------------------------------------------------------------------------
 
 
-def _write_atomically(payload: bytes, path: Path) -> None:
-    """Write next to the target, then os.replace: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def convert(dat_path: Path, onnx_path: Path) -> None:
     """Parse the dlib .dat at dat_path and write the ONNX model to onnx_path (temp file, then os.replace)."""
     dat_path, onnx_path = Path(dat_path), Path(onnx_path)
@@ -482,7 +444,7 @@ def convert(dat_path: Path, onnx_path: Path) -> None:
         raise ModelError(
             f"{dat_path} is not a valid dlib face recognition model ({err}): delete it and run `make models` again"
         ) from None
-    _write_atomically(build_graph(net).SerializeToString(), onnx_path)
+    write_atomically(build_graph(net).SerializeToString(), onnx_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,13 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dat", type=Path, help="dlib_face_recognition_resnet_model_v1.dat")
     parser.add_argument("onnx", type=Path, help="output .onnx file")
     args = parser.parse_args(argv)
-    try:
-        convert(args.dat, args.onnx)
-    except (ModelError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"ok  {args.onnx} ({args.onnx.stat().st_size} bytes)", file=sys.stderr)
-    return 0
+    return run_conversion(lambda: convert(args.dat, args.onnx), args.onnx)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import numpy as np
 
 from edge.errors import ModelError
 from engines.dlib_serial import DlibFormatError, DlibReader
+from engines.onnx_common import run_conversion
 
 FORMAT_VERSION = 1
 DLIB_SP_VERSION = 1
@@ -147,13 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dat", type=Path, help="dlib shape_predictor .dat file")
     parser.add_argument("npz", type=Path, help="output .npz file")
     args = parser.parse_args(argv)
-    try:
-        convert(args.dat, args.npz)
-    except (ModelError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"ok  {args.npz} ({args.npz.stat().st_size} bytes)", file=sys.stderr)
-    return 0
+    return run_conversion(lambda: convert(args.dat, args.npz), args.npz)
 
 
 if __name__ == "__main__":

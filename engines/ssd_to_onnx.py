@@ -35,7 +35,7 @@ from onnx import TensorProto, helper
 
 from edge.detect import METADATA_KEY, PROTOTXT
 from edge.errors import ModelError
-from engines.dlib_to_onnx import IR_VERSION, OPSET, _Graph, _write_atomically
+from engines.onnx_common import IR_VERSION, OPSET, Graph, run_conversion, write_atomically
 
 INPUT_NAME = "image"
 LOC_OUTPUT, CONF_OUTPUT, GRIDS_OUTPUT = "mbox_loc", "mbox_conf_flatten", "prior_grids"
@@ -455,7 +455,7 @@ def fold_affines(ops: list[Op], outputs: list[str]) -> list[Op]:
     return kept[::-1]
 
 
-def _emit(graph: _Graph, op: Op) -> None:
+def _emit(graph: Graph, op: Op) -> None:
     if op.op_type == "Affine":
         # x * gain + shift per channel in one node: BatchNormalization with mean 0, variance 1, epsilon 0.
         gain, shift = (c.astype(np.float32) for c in op.consts)
@@ -487,7 +487,7 @@ def postprocess_metadata(net: Network) -> str:
 
 def build_graph(net: Network) -> onnx.ModelProto:
     """The ONNX model: backbone and heads up to loc and conf, plus the priors' feature-map sizes."""
-    graph = _Graph()
+    graph = Graph()
     # The outputs get fixed names whatever the prototxt calls those blobs.
     rename = {net.loc: LOC_OUTPUT, net.conf: CONF_OUTPUT}
     ops = fold_affines(net.ops, [net.loc, net.conf, *(h.source for h in net.priors)])
@@ -558,7 +558,7 @@ def convert(caffemodel: Path, onnx_path: Path, prototxt: Path | None = None) -> 
         net = translate(message, weights)
     except ModelError as err:
         raise ModelError(f"{prototxt}: {err}") from None
-    _write_atomically(build_graph(net).SerializeToString(), onnx_path)
+    write_atomically(build_graph(net).SerializeToString(), onnx_path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -569,13 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         "--prototxt", type=Path, default=None, help=f"network definition (default: {PROTOTXT} beside the caffemodel)"
     )
     args = parser.parse_args(argv)
-    try:
-        convert(args.caffemodel, args.onnx, args.prototxt)
-    except (ModelError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"ok  {args.onnx} ({args.onnx.stat().st_size} bytes)", file=sys.stderr)
-    return 0
+    return run_conversion(lambda: convert(args.caffemodel, args.onnx, args.prototxt), args.onnx)
 
 
 if __name__ == "__main__":
