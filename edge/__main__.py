@@ -59,13 +59,9 @@ def largest_face(pipeline, path: Path):
 
 def cmd_embed(args, config: Config) -> int:
     pipeline = load_pipeline(config)
-    from edge.images import load_image
-
     results = []
     for path in args.images:
-        faces = pipeline.analyze(load_image(path))
-        if not faces:
-            raise InputError(f"{path}: no face found")
+        faces = faces_in(pipeline, path)
         say(f"{path}: {len(faces)} face(s)")
         results.append(
             {
@@ -330,19 +326,27 @@ def event_sink(target: str | None):
     return emit, (lambda: None) if stream is sys.stdout else stream.close
 
 
+def open_camera(config: Config, uri: str):
+    """The source for a URI; local cameras get the configured capture size."""
+    from edge.camera import open_source
+
+    local = uri.startswith(("v4l2:", "/dev/", "csi:"))
+    return open_source(uri, **({"width": config.camera.width, "height": config.camera.height} if local else {}))
+
+
 def cmd_run(args, config: Config) -> int:
     """The door controller loop; a file source runs to its end and exits 0."""
     from edge.audit import AuditLog
-    from edge.camera import open_source
     from edge.kiosk import Kiosk
 
     pipeline = load_pipeline(config)
     store = open_store(config, args, pipeline.embedder.fingerprint)
-    audit = AuditLog(args.audit or config.audit.path, retention_days=config.audit.retention_days,
-                     snapshot_dir=Path(args.audit or config.audit.path).parent / "snapshots" if config.audit.snapshots else None)
+    audit_path = Path(args.audit or config.audit.path)
+    audit = AuditLog(audit_path, retention_days=config.audit.retention_days,
+                     snapshot_dir=audit_path.parent / "snapshots" if config.audit.snapshots else None)
     audit.prune()
     uri = args.source or config.camera.source
-    source = open_source(uri, **({"width": config.camera.width, "height": config.camera.height} if uri.startswith(("v4l2:", "/dev/", "csi:")) else {}))
+    source = open_camera(config, uri)
     door = make_door(config, args.door or config.door.kind)
     emit, close_sink = event_sink(args.events)
     kiosk = Kiosk(config=config, pipeline=pipeline, store=store, door=door, audit=audit, emit=emit,
@@ -425,9 +429,7 @@ def doctor_checks(config: Config, args):
         return str(path)
 
     def camera():
-        from edge.camera import open_source
-
-        with open_source(args.source or config.camera.source) as source:
+        with open_camera(config, args.source or config.camera.source) as source:
             frame = source.read(timeout_s=3.0)
         if frame is None:
             raise EdgeError(f"no frame within 3 s from {args.source or config.camera.source}")
