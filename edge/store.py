@@ -384,7 +384,7 @@ class Store:
         position = self._table.locate(person_ref)
         if position is None:
             raise StoreError(f"no person {person_ref!r} (id or name) in {self.path}: list them with "
-                             "`python -m edge people`")
+                             "`python -m edge people list`")
         return position
 
     def _require_editing(self) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,13 @@ def data_dir() -> Path:
 def dlib():
     """dlib (dev dependency `dlib-bin`) for parity tests: they skip, not fail, without it."""
     return pytest.importorskip("dlib")
+
+
+CLI_TIMEOUT_S = 120
+
+
+def cli(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command line (`python -m edge …`), as a user runs it."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "edge", *map(str, args)], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import cli
 
 import edge.pipeline
 from edge.config import Config
@@ -38,14 +38,6 @@ SAME_PHOTO_L2 = 0.1
 EXIF_ORIENTATION_TAG = 0x0112
 UPSCALE = 4
 BOX_TOLERANCE_PX = 3.0
-CLI_TIMEOUT_S = 120
-
-
-def cli(*args: object) -> subprocess.CompletedProcess:
-    """The real command line, as a user runs it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "edge", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
 
 def embed_json(path: Path) -> list[dict]:

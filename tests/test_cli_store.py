@@ -1,0 +1,146 @@
+"""Enrolment, identification and people management through the real CLI, and its store errors (issue 5)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import pytest
+from conftest import ROOT, cli
+
+PEOPLE = ROOT / "samples" / "people"  # the same five people as ../shared/data/people/train, bundled
+SAMPLES = ROOT / "samples" / "photos"
+
+
+def one_line_error(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, models_dir) -> Path:
+    path = tmp_path_factory.mktemp("store") / "people.edgestore"
+    result = cli("enroll", "--from-dir", PEOPLE, "--store", path, "--json")
+    assert result.returncode == 0, result.stderr
+    enrolled = json.loads(result.stdout)["enrolled"]
+    assert sorted(p["name"] for p in enrolled) == ["alex_lacamoire", "biden", "kit_harington", "obama", "rose_leslie"]
+    assert "[5/5] rose_leslie" in result.stderr  # progress
+    return path
+
+
+def identify(store: Path, image: Path) -> list[dict]:
+    result = cli("identify", image, "--store", store, "--json")
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)["faces"]
+
+
+@pytest.mark.parametrize(
+    "photo, expected",
+    [
+        ("obama1.jpg", ["obama"]),
+        ("alex_lacamoire1.jpg", ["alex_lacamoire"]),
+        ("johnsnow_test1.jpg", ["kit_harington"]),
+        ("kit_with_rose.jpg", ["kit_harington", "rose_leslie"]),
+        ("obama_and_biden.jpg", ["biden", "obama"]),
+    ],
+)
+def test_identify_the_test_photos(store, data_dir, photo, expected):
+    faces = identify(store, data_dir / "people" / "test" / photo)
+    assert sorted(f["name"] for f in faces if f["name"]) == expected
+    for face in faces:
+        if face["name"]:
+            assert face["distance_l2"] < 0.33 and face["margin"] >= 0.05
+
+
+def test_someone_not_enrolled_is_unknown_and_exit_1(store, data_dir):
+    result = cli("identify", data_dir / "pairs" / "img10.jpg", "--store", store, "--json")
+    assert result.returncode == 1
+    faces = json.loads(result.stdout)["faces"]
+    assert len(faces) == 1 and faces[0]["name"] is None and faces[0]["distance_l2"] > 0.33
+
+
+def test_people_list_show_rename_remove(store, tmp_path):
+    copy = tmp_path / "copy.edgestore"
+    shutil.copy(store, copy)
+    listed = json.loads(cli("people", "list", "--store", copy, "--json").stdout)["people"]
+    assert [(p["name"], p["templates"]) for p in listed] == [
+        ("alex_lacamoire", 1), ("biden", 2), ("kit_harington", 2), ("obama", 2), ("rose_leslie", 2)]
+    shown = json.loads(cli("people", "show", "obama", "--store", copy, "--json").stdout)
+    assert shown["id"] == next(p["id"] for p in listed if p["name"] == "obama")
+    assert cli("people", "rename", "obama", "Barack Obama", "--store", copy).returncode == 0
+    faces = identify(copy, SAMPLES / "obama.jpg")
+    assert [f["name"] for f in faces] == ["Barack Obama"]
+    removed = cli("people", "remove", "Barack Obama", "--store", copy, "--audit", tmp_path / "none.sqlite", "--json")
+    assert removed.returncode == 0 and json.loads(removed.stdout)["removed"] is True
+    assert [f["name"] for f in identify(copy, SAMPLES / "obama.jpg")] == [None]
+    names = [p["name"] for p in json.loads(cli("people", "list", "--store", copy, "--json").stdout)["people"]]
+    assert "Barack Obama" not in names and len(names) == 4
+    assert "no person 'nobody'" in one_line_error(cli("people", "show", "nobody", "--store", copy))
+
+
+def test_duplicate_enrolment_is_refused_unless_forced(store, tmp_path):
+    copy = tmp_path / "copy.edgestore"
+    shutil.copy(store, copy)
+    line = one_line_error(cli("enroll", "barack", SAMPLES / "obama2.jpg", "--store", copy))
+    assert "looks like obama" in line and "--force" in line
+    assert len(json.loads(cli("people", "list", "--store", copy, "--json").stdout)["people"]) == 5
+    assert cli("enroll", "barack", SAMPLES / "obama2.jpg", "--store", copy, "--force").returncode == 0
+    # More photos of an enrolled person are added to them, not refused.
+    added = cli("enroll", "obama", SAMPLES / "obama2.jpg", "--store", copy, "--json")
+    assert added.returncode == 0 and json.loads(added.stdout)["templates"] == 3
+
+
+def test_enrolment_quality_gates(tmp_path, data_dir, models_dir):
+    store = tmp_path / "gates.edgestore"
+    several = one_line_error(cli("enroll", "two", data_dir / "people" / "test" / "obama_and_biden.jpg", "--store", store))
+    assert "2 faces found; enrolment needs exactly one (or pass --largest)" in several
+    photo = cv2.imread(str(SAMPLES / "obama.jpg"))
+    small = tmp_path / "small.jpg"
+    cv2.imwrite(str(small), cv2.resize(photo, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA))
+    assert "face too small" in one_line_error(cli("enroll", "small", small, "--store", store))
+    blurred = tmp_path / "blurred.jpg"
+    cv2.imwrite(str(blurred), cv2.GaussianBlur(photo, (0, 0), 8))
+    assert "face too blurred" in one_line_error(cli("enroll", "blurred", blurred, "--store", store))
+    assert not store.exists(), "nothing was enrolled, so no store was written"
+
+
+def test_wrong_model_store_is_refused_and_untouched(store, tmp_path):
+    copy = tmp_path / "copy.edgestore"
+    shutil.copy(store, copy)
+    before = copy.read_bytes()
+    config = tmp_path / "plain.yaml"
+    config.write_text("embedder:\n  mirror_average: false\n")  # another preprocessing: another fingerprint
+    line = one_line_error(cli("identify", SAMPLES / "obama.jpg", "--store", copy, "--config", config))
+    assert "another model" in line and "re-enrol" in line
+    assert copy.read_bytes() == before
+
+
+def test_corrupt_store_and_unreadable_path(store, tmp_path):
+    corrupt = tmp_path / "corrupt.edgestore"
+    corrupt.write_bytes(store.read_bytes()[:-100])
+    before = corrupt.read_bytes()
+    assert "corrupt" in one_line_error(cli("people", "list", "--store", corrupt))
+    assert "corrupt" in one_line_error(cli("enroll", "ann", SAMPLES / "biden.jpg", "--store", corrupt))
+    assert corrupt.read_bytes() == before
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    one_line_error(cli("people", "list", "--store", not_a_folder / "store.edgestore"))
+
+
+def test_encrypted_store_needs_the_right_key(store, tmp_path):
+    from edge.store import generate_key
+
+    key, wrong = generate_key(tmp_path / "store.key"), generate_key(tmp_path / "wrong.key")
+    encrypted = tmp_path / "secret.edgestore"
+    config = tmp_path / "key.yaml"
+    config.write_text(f"store:\n  key_file: {key}\n")
+    assert cli("enroll", "obama", SAMPLES / "obama.jpg", "--store", encrypted, "--config", config).returncode == 0
+    assert b"obama" not in encrypted.read_bytes()
+    faces = json.loads(cli("identify", SAMPLES / "obama2.jpg", "--store", encrypted, "--config", config, "--json").stdout)
+    assert [f["name"] for f in faces["faces"]] == ["obama"]
+    wrong_config = tmp_path / "wrong.yaml"
+    wrong_config.write_text(f"store:\n  key_file: {wrong}\n")
+    assert "wrong key" in one_line_error(cli("people", "list", "--store", encrypted, "--config", wrong_config))
+    assert "key" in one_line_error(cli("people", "list", "--store", encrypted))
