@@ -43,7 +43,7 @@ def faces_in(pipeline, path: Path):
     """Embedded faces of one image file, raising InputError when there is none."""
     from edge.images import load_image
 
-    faces = pipeline.analyze(load_image(path))
+    faces = pipeline.analyze(load_image(path), thorough=True)
     if not faces:
         raise InputError(f"{path}: no face found")
     return faces

@@ -27,7 +27,9 @@ PROTOTXT = "deploy.prototxt"
 CAFFEMODEL = "res10_300x300_ssd_iter_140000.caffemodel"
 ONNX_FILE = "res10_300x300_ssd_iter_140000.onnx"  # made from the two above by `make models`
 METADATA_KEY = "ssd_postprocess"  # where engines.ssd_to_onnx stores the PriorBox / DetectionOutput parameters
-ROW_WIDTH = 7  # image_id, label, score, x1, y1, x2, y2
+ROW_WIDTH = 7
+TILE_SCALE = 2  # thorough search: tiles of 2 × max_side_px, each downscaled by 2 instead of by the whole photo
+TILE_OVERLAP = 0.25  # so that a face cut by one tile's edge lies whole in its neighbour  # image_id, label, score, x1, y1, x2, y2
 
 
 class FaceDetector:
@@ -48,11 +50,36 @@ class FaceDetector:
             self._ssd = open_ssd(self.models_dir, self.config.backend, self.config.threads)
         return self._ssd
 
-    def detect(self, image: np.ndarray) -> list[Face]:
-        """All faces passing the score, geometry and size filters (empty list when none)."""
+    def detect(self, image: np.ndarray, *, thorough: bool = False) -> list[Face]:
+        """All faces passing the score, geometry and size filters (empty list when none).
+
+        The SSD sees the whole image at 300×300, so in a large photo a face narrower than ~5 % of its longest
+        side is missed. With `thorough` (photos, not camera frames), an image with no face found that way is
+        searched again in overlapping tiles of TILE_SCALE × max_side_px, each seen at the usual scale.
+        """
+        faces = self._detect_whole(image)
+        if faces or not thorough or max(image.shape[:2]) <= TILE_SCALE * self.config.max_side_px:
+            return faces
+        return self._detect_tiled(image)
+
+    def _detect_whole(self, image: np.ndarray) -> list[Face]:
         height, width = image.shape[:2]
         raw = self._load().rows(preprocess(image, self.config.max_side_px), min_score=self.config.confidence)
         return decode(raw, width, height, self.config)
+
+    def _detect_tiled(self, image: np.ndarray) -> list[Face]:
+        height, width = image.shape[:2]
+        side = TILE_SCALE * self.config.max_side_px
+        step = int(side * (1 - TILE_OVERLAP))
+        found: list[Face] = []
+        for top in range(0, max(height - side, 0) + step, step):
+            for left in range(0, max(width - side, 0) + step, step):
+                tile = image[top : top + side, left : left + side]
+                found += [
+                    Face(box=(f.box[0] + left, f.box[1] + top, f.box[2] + left, f.box[3] + top), score=f.score)
+                    for f in self._detect_whole(tile)
+                ]
+        return merge(found, self.config)
 
 
 def preprocess(image: np.ndarray, max_side_px: int) -> np.ndarray:
@@ -217,10 +244,14 @@ def decode(raw: np.ndarray, width: int, height: int, config: DetectorConfig) -> 
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width - 1)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height - 1)
     keep_size = (boxes[:, 2] - boxes[:, 0]) >= config.min_face_px
-    boxes, scores = boxes[keep_size], scores[keep_size]
-    if len(boxes) == 0:
+    return merge([Face(box=tuple(float(v) for v in b), score=float(s)) for b, s in zip(boxes[keep_size], scores[keep_size])],
+                 config)
+
+
+def merge(faces: list[Face], config: DetectorConfig) -> list[Face]:
+    """Overlapping boxes of one face merged by NMS (the best score wins), largest face first."""
+    if not faces:
         return []
-    xywh = [[float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])] for b in boxes]
-    keep = np.asarray(cv2.dnn.NMSBoxes(xywh, scores.tolist(), config.confidence, config.nms_iou)).reshape(-1)
-    faces = [Face(box=tuple(float(v) for v in boxes[i]), score=float(scores[i])) for i in keep]
-    return sorted(faces, key=lambda f: f.area_px, reverse=True)
+    xywh = [[f.box[0], f.box[1], f.width_px, f.height_px] for f in faces]
+    keep = np.asarray(cv2.dnn.NMSBoxes(xywh, [f.score for f in faces], config.confidence, config.nms_iou)).reshape(-1)
+    return sorted((faces[i] for i in keep), key=lambda f: f.area_px, reverse=True)

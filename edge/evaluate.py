@@ -256,7 +256,7 @@ def largest_face_embedding(pipeline, path: Path) -> np.ndarray | None:
     """Unit embedding of the largest face in the image, None when there is no face."""
     from edge.images import load_image
 
-    faces = pipeline.analyze(load_image(path))
+    faces = pipeline.analyze(load_image(path), thorough=True)
     return max(faces, key=lambda f: f.face.area_px).embedding if faces else None
 
 

@@ -32,11 +32,11 @@ class Pipeline:
         self.last_ms[stage] = (now - start) * 1e3
         return now
 
-    def locate(self, image: np.ndarray) -> list[Face]:
-        """Faces with 5-point landmarks, largest first."""
+    def locate(self, image: np.ndarray, *, thorough: bool = False) -> list[Face]:
+        """Faces with 5-point landmarks, largest first; `thorough` for photos (see FaceDetector.detect)."""
         self.last_ms = {}
         start = time.perf_counter()
-        found = self.detector.detect(image)
+        found = self.detector.detect(image, thorough=thorough)
         start = self._tick("detect", start)
         if not found:
             self.last_ms["landmarks"] = 0.0
@@ -56,9 +56,9 @@ class Pipeline:
         self._tick("embed", start)
         return [EmbeddedFace(face=f, chip=c, embedding=v) for f, c, v in zip(faces, chips, vectors)]
 
-    def analyze(self, image: np.ndarray) -> list[EmbeddedFace]:
+    def analyze(self, image: np.ndarray, *, thorough: bool = False) -> list[EmbeddedFace]:
         """Every face in the image, embedded; empty list when there is none."""
-        return self.embed_faces(image, self.locate(image))
+        return self.embed_faces(image, self.locate(image, thorough=thorough))
 
     def close(self) -> None:
         self.embedder.close()

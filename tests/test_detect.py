@@ -77,3 +77,20 @@ def test_two_people_and_no_false_box_on_a_group_photo(detector, data_dir):
 
 def test_blank_image_has_no_face(detector):
     assert detector.detect(np.full((480, 640, 3), 127, np.uint8)) == []
+
+
+def test_thorough_search_finds_a_small_face_once_where_tiles_overlap(detector):
+    import cv2
+
+    photo = load_image(SAMPLES / "obama.jpg")
+    whole = detector.detect(photo)[0]
+    scale = 150 / whole.width_px
+    small = cv2.resize(photo, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    canvas = np.full((3000, 4000, 3), 90, np.uint8)
+    # Tiles are 1280 px with a 960 px step: put the face where tiles 0 and 1 (and rows 0 and 1) overlap.
+    left, top = 1000 - int(whole.box[0] * scale), 1000 - int(whole.box[1] * scale)
+    canvas[top : top + small.shape[0], left : left + small.shape[1]] = small
+    assert detector.detect(canvas) == []
+    faces = detector.detect(canvas, thorough=True)
+    assert len(faces) == 1
+    assert abs(faces[0].box[0] - 1000) < 10 and abs(faces[0].box[1] - 1000) < 10
