@@ -17,7 +17,7 @@ help:
 	@echo "make demo      set up, fetch models, run the pipeline on bundled samples (simulated door)"
 	@echo "make test      set up with test deps and run the test suite"
 	@echo "make models    fetch + sha256-verify + convert the models (offline once done)"
-	@echo "make bench     per-stage timings against face_recognition measured in the same run"
+	@echo "make bench     per-stage timings vs face_recognition (same run), kiosk RSS over 1000 frames, degradation suite"
 	@echo "make engine    build the TensorRT engine (Jetson / NVIDIA GPU)"
 	@echo "make run       run the door controller with $(CONFIG) on the real camera and GPIO"
 
@@ -44,8 +44,12 @@ test: dev models
 demo: models
 	$(PY) -m edge demo
 
+BENCH_DATA ?= ../shared/data
+
 bench: dev models
-	$(PY) -m edge bench
+	$(PY) -m edge bench $(if $(wildcard $(BENCH_DATA)/pairs),--photos $(BENCH_DATA)/pairs)
+	$(PY) bench/kiosk_rss.py --frames 1000
+	$(if $(wildcard $(BENCH_DATA)/pairs/master.csv),$(PY) -m edge bench degrade --pairs $(BENCH_DATA)/pairs/master.csv)
 
 engine: models
 	$(PY) -m edge build-engine
