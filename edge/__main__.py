@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edge.config import Config, load_config
 from edge.errors import EdgeError, InputError, StoreError
-from edge.images import photos_by_person
+from edge.images import IMAGE_SUFFIXES, photos_by_person
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = PROJECT_ROOT / "samples"
@@ -142,7 +142,7 @@ def cmd_bench(args, config: Config) -> int:
     else:
         from edge.bench import format_report, run_bench
 
-        photos = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"}) if args.photos else []
+        photos = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if args.photos else []
         report = run_bench(config, video=args.video, photos=photos, frame_limit=args.frames, reference=not args.no_reference)
         say(format_report(report))
     if args.json:
