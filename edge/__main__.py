@@ -309,8 +309,10 @@ def make_door(config: Config, kind: str):
     d = config.door
     if kind == "simulated":
         return SimulatedDoor(pulse_s=d.pulse_s)
+    from edge.gpio_gpiod import pin_factory
+
     return GpioDoor(relay_pin=d.relay_pin, active_high=d.active_high, pulse_s=d.pulse_s, led_pin=d.led_pin,
-                    buzzer_pin=d.buzzer_pin)
+                    buzzer_pin=d.buzzer_pin, pin_factory=pin_factory(d.gpio_backend))
 
 
 def event_sink(target: str | None):
@@ -373,7 +375,10 @@ def attach_button(config: Config, kiosk):
         return None
     from gpiozero import Button
 
-    button = Button(config.door.button_pin, pull_up=True, bounce_time=0.05)
+    from edge.gpio_gpiod import pin_factory
+
+    button = Button(config.door.button_pin, pull_up=True, bounce_time=0.05,
+                    pin_factory=pin_factory(config.door.gpio_backend))
     button.when_pressed = kiosk.press_button
     return button
 

@@ -79,12 +79,17 @@ class AuditConfig(Section):
 
 class DoorConfig(Section):
     kind: Literal["gpio", "simulated"] = Field("simulated", description="gpio drives the relay; simulated only logs")
-    relay_pin: int | str = Field(17, description="relay GPIO (BCM number or gpiozero name such as 'GPIO17', 'BOARD11')")
+    relay_pin: int | str = Field(
+        17, description="relay GPIO: BCM number or name ('GPIO17', 'BOARD11'); with gpiod 'gpiochip0:105' or a line name ('PQ.05')"
+    )
     active_high: bool = Field(True, description="false for relay boards that switch on a low input")
     pulse_s: float = Field(3.0, ge=0.2, le=60.0, description="how long the relay stays energised per unlock")
     led_pin: int | str | None = Field(None, description="optional status LED GPIO")
     buzzer_pin: int | str | None = Field(None, description="optional buzzer GPIO")
     button_pin: int | str | None = Field(None, description="optional enrolment button GPIO (to ground, internal pull-up)")
+    gpio_backend: Literal["auto", "gpiozero", "gpiod"] = Field(
+        "auto", description="pin driver; auto = gpiozero's own on a Raspberry Pi or with GPIOZERO_PIN_FACTORY set, else gpiod (Jetson)"
+    )
 
 
 class CameraConfig(Section):

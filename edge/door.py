@@ -1,7 +1,7 @@
 """The door relay: locked unless pulsed, locked again on close, exit, signal or exception (fail-secure).
 
-`GpioDoor` drives a relay through gpiozero (any pin factory: lgpio on a Pi, a Jetson.GPIO-backed factory,
-`MockFactory` in tests); `SimulatedDoor` has the same interface for demos and tests. Wire the lock so that an
+`GpioDoor` drives a relay through gpiozero (any pin factory: lgpio on a Pi, `edge.gpio_gpiod.GpiodFactory` on a
+Jetson, `MockFactory` in tests); `SimulatedDoor` has the same interface for demos and tests. Wire the lock so that an
 unpowered relay means locked: then a crash, a power cut or a released GPIO line also leaves the door locked.
 """
 from __future__ import annotations
