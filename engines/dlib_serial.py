@@ -144,3 +144,15 @@ class DlibReader:
         """Fail if bytes are left over: the file is longer than the object it should hold."""
         if self.remaining:
             raise self.fail(f"{self.remaining} unexpected bytes after the end of the object")
+
+
+def parse_model_file(path, parse: Callable[[bytes], T], what: str) -> T:
+    """Read a dlib model file and parse it; a missing or malformed file is one ModelError line with the fix."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ModelError(f"cannot read {path} ({err.strerror}): run `make models` to fetch it") from None
+    try:
+        return parse(data)
+    except DlibFormatError as err:
+        raise ModelError(f"{path} is not a valid {what} ({err}): delete it and run `make models` again") from None

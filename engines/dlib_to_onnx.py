@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edge.errors import ModelError
-from engines.dlib_serial import DlibFormatError, DlibReader
+from engines.dlib_serial import DlibReader, parse_model_file
 from engines.onnx_common import IR_VERSION, OPSET, Graph, run_conversion, write_atomically
 
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "chips", "embeddings", "batch"
@@ -434,16 +434,7 @@ def _model(graph: Graph, embedding_dim: int, net: DlibResNet) -> onnx.ModelProto
 def convert(dat_path: Path, onnx_path: Path) -> None:
     """Parse the dlib .dat at dat_path and write the ONNX model to onnx_path (temp file, then os.replace)."""
     dat_path, onnx_path = Path(dat_path), Path(onnx_path)
-    try:
-        data = dat_path.read_bytes()
-    except OSError as err:
-        raise ModelError(f"cannot read {dat_path} ({err.strerror}): run `make models` to fetch it") from None
-    try:
-        net = parse_resnet(data)
-    except DlibFormatError as err:
-        raise ModelError(
-            f"{dat_path} is not a valid dlib face recognition model ({err}): delete it and run `make models` again"
-        ) from None
+    net = parse_model_file(dat_path, parse_resnet, "dlib face recognition model")
     write_atomically(build_graph(net).SerializeToString(), onnx_path)
 
 

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import ModelError
-from engines.dlib_serial import DlibFormatError, DlibReader
+from engines.dlib_serial import DlibFormatError, DlibReader, parse_model_file
 from engines.onnx_common import run_conversion
 
 FORMAT_VERSION = 1
@@ -130,16 +129,7 @@ def write_npz(arrays: dict[str, np.ndarray], npz_path: Path) -> None:
 def convert(dat_path: Path, npz_path: Path) -> None:
     """Parse the dlib .dat at dat_path and write the arrays to npz_path (temp file, then os.replace)."""
     dat_path, npz_path = Path(dat_path), Path(npz_path)
-    try:
-        data = dat_path.read_bytes()
-    except OSError as err:
-        raise ModelError(f"cannot read {dat_path} ({err.strerror}): run `make models` to fetch it") from None
-    try:
-        arrays = parse_shape_predictor(data)
-    except DlibFormatError as err:
-        raise ModelError(
-            f"{dat_path} is not a valid dlib shape predictor ({err}): delete it and run `make models` again"
-        ) from None
+    arrays = parse_model_file(dat_path, parse_shape_predictor, "dlib shape predictor")
     write_npz(arrays, npz_path)
 
 

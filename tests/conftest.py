@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,17 @@ def cli(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "edge", *map(str, args)], cwd=ROOT, env=environment,
                           capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
+
+
+WAIT_S = 3.0
+POLL_S = 0.01
+
+
+def wait_until(predicate, timeout_s: float = WAIT_S) -> bool:
+    """Poll a condition instead of sleeping a fixed time: True as soon as it holds, False after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_S)
+    return True

@@ -4,13 +4,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from edge import camera
 from edge.camera import (
@@ -30,16 +31,7 @@ SAMPLE_FRAMES = 105
 SAMPLE_FPS = 25.0
 FAKE_FRAME_INTERVAL_S = 0.002  # a fake camera at 500 fps, far faster than the test reads
 FAKE_STALL_LIMIT_S = 10.0
-POLL_S = 0.01
 
-
-def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(POLL_S)
-    return condition()
 
 
 class FakeCamera:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory
 
@@ -19,18 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RELAY, LED, BUZZER = 17, 27, 22
 SHORT_PULSE_S = 0.2
 LONG_PULSE_S = 30.0  # longer than any test: the relay can only go off because the code switched it off
-WAIT_S = 3.0
-POLL_S = 0.01
 
-
-def wait_until(predicate, timeout_s: float = WAIT_S) -> bool:
-    """Poll predicate until true or timeout; returns its last value."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL_S)
-    return True
 
 
 @pytest.fixture

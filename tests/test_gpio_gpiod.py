@@ -15,6 +15,7 @@ from enum import Enum
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 from gpiozero import Button, DigitalOutputDevice, GPIOPinInUse
 
 from edge.__main__ import make_door
@@ -26,19 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHORT_PULSE_S = 0.2
 LONG_PULSE_S = 30.0  # longer than any test: the relay can only go off because the code switched it off
 BOUNCE_S = 0.05
-WAIT_S = 3.0
-POLL_S = 0.01
 JETSON_LINES = {105: "PQ.05", 106: "PQ.06"}  # the fake Jetson: gpiochip0 (main controller), gpiochip1 (AON)
 AON_LINES = {3: "PAA.03"}
 
-
-def wait_until(predicate, timeout_s: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL_S)
-    return True
 
 
 # ---- a fake of the libgpiod v2 calls the factory makes (names and fields as in gpiod 2.x) -----------------------

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import wait_until
 from gpiozero.pins.mock import MockFactory
 
 import edge.kiosk
@@ -42,20 +43,11 @@ RELAY, BUZZER = 17, 22
 LONG_PULSE_S = 30.0  # the relay can only go off within a test because the code switched it off
 FPS = 25.0
 CLI_TIMEOUT_S = 120
-WAIT_S = 3.0
 
 NOBODY, ALICE, CAROL, CRASH = 0, 1, 3, 255
 FRONTAL_LANDMARKS = np.array([[160, 60], [130, 60], [70, 60], [100, 60], [115, 110]], np.float64)
 SHARP_CHIP = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)
 
-
-def wait_until(predicate, timeout_s: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 # ---- the real CLI on the sample video ------------------------------------------------------------------------
