@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 from edge.backends.tensorrt import ENGINE_STEM, engine_path_in, metadata_path, runtime_or_reason
 from edge.embed import CHIP_PX, ONNX_FILE
 from edge.errors import ConfigError, EdgeError, ModelError
-from engines.fetch import default_models_dir, sha256_file
+from engines.fetch import default_models_dir, sha256_file, write_atomically
 
 INPUT_NAME = "chips"
 OUTPUT_NAME = "embeddings"
@@ -113,13 +112,6 @@ def import_tensorrt():
     return tensorrt
 
 
-def _write_atomic(path: Path, data) -> None:
-    """Write bytes (or a buffer) to path through a temporary file in the same folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(memoryview(data))
-    os.replace(tmp, path)
-
-
 class EngineBuilder:
     """ONNX → serialized TensorRT engine: parse with OnnxParser, one optimization profile, FP16 when fast."""
 
@@ -171,7 +163,7 @@ class EngineBuilder:
         serialized = self.builder.build_serialized_network(self.network, self.config)
         if serialized is None:
             raise ModelError("TensorRT failed to build the engine (its messages above say why)")
-        _write_atomic(timing_cache_path, self.config.get_timing_cache().serialize())
+        write_atomically(bytes(memoryview(self.config.get_timing_cache().serialize())), timing_cache_path)
         return serialized
 
     def _attach_timing_cache(self, path: Path) -> None:
@@ -261,8 +253,8 @@ def build_engine(models_dir: Path, settings: BuildSettings, *, verbose: bool = F
     meta["built_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     # Metadata goes first and comes back last: an interrupted write leaves an engine the embedder calls stale.
     metadata_path(engine_path).unlink(missing_ok=True)
-    _write_atomic(engine_path, serialized)
-    _write_atomic(metadata_path(engine_path), (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomically(bytes(memoryview(serialized)), engine_path)
+    write_atomically((json.dumps(meta, indent=2) + "\n").encode(), metadata_path(engine_path))
     return meta
 
 

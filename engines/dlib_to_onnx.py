@@ -35,7 +35,8 @@ from onnx import TensorProto, helper
 
 from edge.errors import ModelError
 from engines.dlib_serial import DlibReader, parse_model_file
-from engines.onnx_common import IR_VERSION, OPSET, Graph, run_conversion, write_atomically
+from engines.fetch import write_atomically
+from engines.onnx_common import IR_VERSION, OPSET, Graph, run_conversion
 
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "chips", "embeddings", "batch"
 INPUT_CHANNELS = 3

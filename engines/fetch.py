@@ -40,6 +40,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_atomically(payload: bytes, path: Path) -> None:
+    """Write next to the target, then os.replace: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def load_pins() -> dict:
     """The committed pins (packages, files, conversions)."""
     return json.loads(PINS_PATH.read_text())
@@ -148,9 +161,7 @@ def ensure_models(models_dir: Path | None = None) -> dict:
     sources = {r["file"]: r for r in records}
     records += [convert(c, models_dir, sources, previous) for c in pins["conversions"]]
     manifest = {"files": records}
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    write_atomically((json.dumps(manifest, indent=2) + "\n").encode(), manifest_path)
     return manifest
 
 

@@ -1,8 +1,7 @@
-"""Pieces shared by the model converters: the pinned ONNX versions, a small graph builder, atomic writes and
-the converters' command-line wrapper."""
+"""Pieces shared by the ONNX converters: the pinned ONNX versions, a small graph builder and the converters'
+command-line wrapper."""
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,19 +37,6 @@ class Graph:
         output = output or self._name(op.lower())
         self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
-
-
-def write_atomically(payload: bytes, path: Path) -> None:
-    """Write next to the target, then os.replace: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def run_conversion(convert: Callable[[], None], output: Path) -> int:

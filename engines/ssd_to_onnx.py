@@ -35,7 +35,8 @@ from onnx import TensorProto, helper
 
 from edge.detect import METADATA_KEY, PROTOTXT
 from edge.errors import ModelError
-from engines.onnx_common import IR_VERSION, OPSET, Graph, run_conversion, write_atomically
+from engines.fetch import write_atomically
+from engines.onnx_common import IR_VERSION, OPSET, Graph, run_conversion
 
 INPUT_NAME = "image"
 LOC_OUTPUT, CONF_OUTPUT, GRIDS_OUTPUT = "mbox_loc", "mbox_conf_flatten", "prior_grids"
