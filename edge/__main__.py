@@ -13,20 +13,12 @@ import time
 from pathlib import Path
 
 from edge.config import Config, load_config
+from edge.console import emit_json, say
 from edge.errors import EdgeError, InputError, StoreError
 from edge.images import IMAGE_SUFFIXES, photos_by_person
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = PROJECT_ROOT / "samples"
-
-
-def say(message: str) -> None:
-    """Human-facing text goes to stderr so stdout stays a clean JSON document."""
-    print(message, file=sys.stderr)
-
-
-def emit_json(document: object) -> None:
-    print(json.dumps(document, indent=2))
 
 
 def rounded(values, digits: int = 6) -> list:

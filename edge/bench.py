@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import resource
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import cv2
 import numpy as np
 
 from edge.config import Config
+from edge.console import say
 from edge.errors import InputError
 from edge.images import load_image
 
@@ -111,7 +111,7 @@ def run_bench(config: Config, *, video: Path, photos: list[Path], frame_limit: i
         report["peak_rss_mib_with_photos"] = round(peak_rss_mib(), 1)
     report["total_ms_median"] = report["video_640"]["total_ms_median"]
     if reference:
-        print("bench: timing face_recognition on the same frames…", file=sys.stderr)
+        say("bench: timing face_recognition on the same frames…")
         report["face_recognition"] = time_face_recognition(video_frames(video, limit=frame_limit))
         report["face_recognition_ms_median"] = report["face_recognition"]["total_ms_median"]
         report["speedup"] = round(report["face_recognition_ms_median"] / report["total_ms_median"], 2)

@@ -6,7 +6,6 @@ raw descriptors, unit vectors and unit + mirror averaging (and face_recognition,
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from edge.align import mirror_chip
 from edge.config import Config
+from edge.console import say
 from edge.embed import unit
 from edge.evaluate import Pair, accuracy_at, d_prime, pair_distances, roc_auc
 from edge.images import load_image
@@ -135,7 +135,7 @@ def run_suite(pairs: list[Pair], config: Config, *, reference: bool, variants=tu
     paths = sorted({p.path_a for p in pairs} | {p.path_b for p in pairs})
     ours, theirs = {}, {}
     for i, path in enumerate(paths, 1):
-        print(f"degrade: {i}/{len(paths)} images", file=sys.stderr)
+        say(f"degrade: {i}/{len(paths)} images")
         ours[path] = embed_variants(pipeline, path, variants)
         if reference:
             theirs[path] = face_recognition_variants(path, variants)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from edge.camera import open_source
 from edge.config import Config
+from edge.console import say
 from edge.door import SimulatedDoor
 from edge.kiosk import Kiosk
 
@@ -28,10 +28,6 @@ SHEET_EVERY_FRAMES = 8
 SHEET_COLUMNS = 4
 SHEET_TILE_PX = (480, 270)
 KNOWN_BGR, UNKNOWN_BGR = (60, 200, 60), (40, 40, 230)
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def print_event(event: dict) -> None:

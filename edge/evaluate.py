@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import multiprocessing
 import os
@@ -25,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from edge.config import Config
+from edge.console import emit_json, say
 from edge.errors import InputError
 from edge.images import photos_by_person
 
@@ -358,25 +358,21 @@ def pairs_report(distances: np.ndarray, same: np.ndarray, folds, threshold_l2: f
     return report
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 def _emit(args, document: dict) -> None:
     if args.json:
-        print(json.dumps(document, indent=2))
+        emit_json(document)
 
 
 def _say_pairs_report(report: dict) -> None:
-    _say(f"10-fold accuracy {report['accuracy_10fold']:.4f} ± {report['accuracy_10fold_std']:.4f} "
+    say(f"10-fold accuracy {report['accuracy_10fold']:.4f} ± {report['accuracy_10fold_std']:.4f} "
          f"(fold thresholds {min(report['thresholds_10fold']):.3f}–{max(report['thresholds_10fold']):.3f})")
-    _say(f"accuracy at threshold_l2 {report['threshold_l2']}: {report['accuracy_at_threshold']:.4f}")
+    say(f"accuracy at threshold_l2 {report['threshold_l2']}: {report['accuracy_at_threshold']:.4f}")
     for key in (k for k in report if k.startswith("val_at_far_")):
         entry = report[key]
-        _say(f"VAL {entry['val']:.4f} at FAR {key.removeprefix('val_at_far_')} (threshold {entry['threshold_l2']}, "
+        say(f"VAL {entry['val']:.4f} at FAR {key.removeprefix('val_at_far_')} (threshold {entry['threshold_l2']}, "
              f"measured FAR {entry['far']:.4f}; {report['impostor_pairs']} impostor pairs resolve "
              f"{report['far_resolution']:.2g})")
-    _say(f"ROC AUC {report['roc_auc']:.4f}, d' {report['d_prime']}, genuine max {report['genuine_max_l2']}, "
+    say(f"ROC AUC {report['roc_auc']:.4f}, d' {report['d_prime']}, genuine max {report['genuine_max_l2']}, "
          f"impostor min {report['impostor_min_l2']}")
 
 
@@ -468,7 +464,7 @@ def cmd_eval_pairs(args, config: Config) -> int:
         raise InputError(f"{args.pairs}: faces found in too few images ({counts['images_without_face']} of "
                          f"{counts['images']} without a face) to compare same and different pairs")
     report = {"pairs_file": str(args.pairs), **counts, **pairs_report(distances, same, folds, config.match.threshold_l2)}
-    _say(f"eval-pairs: {report['pairs']} pairs ({report['genuine_pairs']} same, {report['impostor_pairs']} different), "
+    say(f"eval-pairs: {report['pairs']} pairs ({report['genuine_pairs']} same, {report['impostor_pairs']} different), "
          f"{counts['images']} images, {counts['images_without_face']} without a face "
          f"({counts['pairs_without_face']} pairs counted as rejected)")
     _say_pairs_report(report)
@@ -476,7 +472,7 @@ def cmd_eval_pairs(args, config: Config) -> int:
         plot_roc(distances, same, args.plot, threshold_l2=config.match.threshold_l2, title=f"{args.pairs.name}: "
                  f"{report['pairs']} pairs, 10-fold accuracy {report['accuracy_10fold']:.4f}")
         report["plot"] = str(args.plot)
-        _say(f"plot written to {args.plot}")
+        say(f"plot written to {args.plot}")
     _emit(args, report)
     return 0
 
@@ -601,14 +597,14 @@ def cmd_eval_ident(args, config: Config) -> int:
                     "best": names[b] if b >= 0 else None, "distance_l2": _json_number(d), "second_l2": _json_number(s)}
                    for (p, _), t, b, d, s in zip(split.probes, truth, best, best_l2, second_l2)],
     }
-    _say(f"eval-ident: {len(names)} people enrolled ({len(gallery)} templates, k={args.enrol_k}), "
+    say(f"eval-ident: {len(names)} people enrolled ({len(gallery)} templates, k={args.enrol_k}), "
          f"{report['mated_probes']} enrolled-person probe(s), {report['nonmated_probes']} non-enrolled probe(s) "
          f"({', '.join(report['nonenrolled_persons']) or 'nobody held out'}), "
          f"{report['images_without_face']} images without a face")
     for row in sweep:
         mark = "  <- configured" if row["threshold_l2"] == match.threshold_l2 else ""
-        _say(f"  threshold_l2 {row['threshold_l2']:.2f}  DIR {_rate(row['dir'])}  FPIR {_rate(row['fpir'])}{mark}")
-    _say(f"at threshold_l2 {match.threshold_l2}, margin {match.margin_l2}: DIR {_rate(dir_rate)}, FPIR {_rate(fpir)}, "
+        say(f"  threshold_l2 {row['threshold_l2']:.2f}  DIR {_rate(row['dir'])}  FPIR {_rate(row['fpir'])}{mark}")
+    say(f"at threshold_l2 {match.threshold_l2}, margin {match.margin_l2}: DIR {_rate(dir_rate)}, FPIR {_rate(fpir)}, "
          f"rank-1 {_rate(report['rank1'])}")
     _emit(args, report)
     return 0
@@ -707,12 +703,12 @@ def cmd_calibrate(args, config: Config) -> int:
                   "templates_used": used}
     result = {**source, "configured_threshold_l2": config.match.threshold_l2,
               **recommend_threshold(distances, same, args.target_far)}
-    _say(f"calibrate: {result['genuine_pairs']} genuine and {result['impostor_pairs']} impostor pairs from {result['source']}")
+    say(f"calibrate: {result['genuine_pairs']} genuine and {result['impostor_pairs']} impostor pairs from {result['source']}")
     frr = "n/a (no genuine pairs)" if result["frr"] is None else f"{result['frr']:.4f}"
-    _say(f"threshold_l2 {result['threshold_l2']} for FAR <= {args.target_far:g}: measured FAR {result['far']:.4g}, "
+    say(f"threshold_l2 {result['threshold_l2']} for FAR <= {args.target_far:g}: measured FAR {result['far']:.4g}, "
          f"expected FRR {frr} (configured: {config.match.threshold_l2})")
     if not result["measurable"]:
-        _say(f"warning: {result['impostor_pairs']} impostor pairs resolve FAR only down to "
+        say(f"warning: {result['impostor_pairs']} impostor pairs resolve FAR only down to "
              f"{result['far_resolution']:.2g}, not {args.target_far:g}; this threshold merely rejects every impostor "
              f"pair seen (about {math.ceil(1 / args.target_far)} impostor pairs are needed)")
     if args.write:
@@ -722,7 +718,7 @@ def cmd_calibrate(args, config: Config) -> int:
         old = write_threshold(Path(args.config), result["threshold_l2"])
         result["written"] = {"config": str(args.config), "old": old, "new": result["threshold_l2"],
                              "backup": str(backup_path(Path(args.config)))}
-        _say(f"{args.config}: match.threshold_l2 {old if old is not None else '(unset)'} -> {result['threshold_l2']} "
+        say(f"{args.config}: match.threshold_l2 {old if old is not None else '(unset)'} -> {result['threshold_l2']} "
              f"(backup {backup_path(Path(args.config))})")
     _emit(args, result)
     return 0
