@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,3 +69,16 @@ def wait_until(predicate, timeout_s: float = WAIT_S) -> bool:
             return False
         time.sleep(POLL_S)
     return True
+
+
+def sigterm_when_ready(child: subprocess.Popen, ready, timeout_s: float) -> tuple[str, str]:
+    """Call ready() (it asserts that the moment has come), send SIGTERM, return the child's (stdout, stderr);
+    the child is killed rather than left behind if anything fails."""
+    try:
+        ready()
+        child.send_signal(signal.SIGTERM)
+        return child.communicate(timeout=timeout_s)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import textwrap
@@ -10,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import sigterm_when_ready, wait_until
 from gpiozero import DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory
 
@@ -218,15 +217,12 @@ def test_sigterm_during_pulse_leaves_relay_off_and_released(active_high):
         [sys.executable, "-c", SIGTERM_CHILD, "1" if active_high else "0"], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    try:
+
+    def relay_on() -> None:
         first = child.stdout.readline()  # blocks until the relay is on (or the child dies: "")
         assert first.strip() == "RELAY_ON", child.stderr.read()
-        child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=20)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+
+    out, err = sigterm_when_ready(child, relay_on, timeout_s=20)
     assert child.returncode == 0, err
     assert "event=stopping reason=signal" in err
     report = json.loads(out.strip().splitlines()[-1])

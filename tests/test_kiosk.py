@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import sigterm_when_ready, wait_until
 from gpiozero.pins.mock import MockFactory
 
 import edge.kiosk
@@ -158,15 +158,12 @@ def test_sigterm_during_pulse_through_the_cli_locks_and_exits_0(video, tmp_path)
     env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}
     child = subprocess.Popen([sys.executable, "-c", CLI_ON_MOCK_PINS, *args], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+
+    def unlocked() -> None:
         assert wait_until(lambda: of(read_events(events_path), "unlock") or child.poll() is not None, CLI_TIMEOUT_S)
         assert child.poll() is None, "the run ended before the unlock was seen"
-        child.send_signal(signal.SIGTERM)
-        out, err = child.communicate(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+
+    out, err = sigterm_when_ready(child, unlocked, timeout_s=30)
     assert child.returncode == 0, err
     assert "event=stopping reason=signal" in err
     assert int(summary_of(err)["frames"]) < VIDEO_FRAMES, "stopped by the signal, not by the end of the video"
