@@ -20,6 +20,7 @@ from edge.embed import CHIP_PX, ONNX_FILE
 from edge.errors import ConfigError, EdgeError, ModelError
 from engines.fetch import default_models_dir, sha256_file, write_atomically
 
+FP16_ONNX_FILE = ONNX_FILE.removesuffix(".onnx") + ".fp16.onnx"  # what an FP16 engine is parsed from
 INPUT_NAME = "chips"
 OUTPUT_NAME = "embeddings"
 CHIP_DIMS = (3, CHIP_PX, CHIP_PX)
@@ -69,9 +70,8 @@ def _dims(value_info) -> list[int | str]:
     ]
 
 
-def check_onnx(onnx_path: Path) -> str:
-    """Raise ModelError unless the graph is valid with input chips [batch,3,150,150] float32 → embeddings
-    [batch,128] float32 and a dynamic batch; returns a one-line description of its I/O."""
+def load_onnx(onnx_path: Path):
+    """The checked ONNX model, or a ModelError naming the fix."""
     import onnx
 
     if not onnx_path.exists():
@@ -82,6 +82,19 @@ def check_onnx(onnx_path: Path) -> str:
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelError(f"{onnx_path} is not a valid ONNX model ({reason}): run `make models` again") from None
+    return model
+
+
+def check_onnx(onnx_path: Path) -> str:
+    """Raise ModelError unless the graph is valid with input chips [batch,3,150,150] float32 → embeddings
+    [batch,128] float32 and a dynamic batch; returns a one-line description of its I/O."""
+    return check_io(load_onnx(onnx_path), onnx_path)
+
+
+def check_io(model, label: Path | str) -> str:
+    """check_onnx's I/O rules for a loaded model (`label` names it in errors)."""
+    import onnx
+
     graph = model.graph
     weights = {w.name for w in graph.initializer}
     inputs = [i for i in graph.input if i.name not in weights]
@@ -89,18 +102,32 @@ def check_onnx(onnx_path: Path) -> str:
     described = []
     for role, tensors, name, fixed in expected:
         if [t.name for t in tensors] != [name]:
-            raise ModelError(f"{onnx_path}: {role}s are {[t.name for t in tensors]}, expected ['{name}']")
+            raise ModelError(f"{label}: {role}s are {[t.name for t in tensors]}, expected ['{name}']")
         elem_type = tensors[0].type.tensor_type.elem_type
         if elem_type != onnx.TensorProto.FLOAT:
             dtype = onnx.TensorProto.DataType.Name(elem_type)
-            raise ModelError(f"{onnx_path}: {role} {name} is {dtype}, expected FLOAT")
+            raise ModelError(f"{label}: {role} {name} is {dtype}, expected FLOAT")
         dims = _dims(tensors[0])
         if len(dims) != 1 + len(fixed) or tuple(dims[1:]) != fixed:
-            raise ModelError(f"{onnx_path}: {role} {name} has shape {dims}, expected [batch, {', '.join(map(str, fixed))}]")
+            raise ModelError(f"{label}: {role} {name} has shape {dims}, expected [batch, {', '.join(map(str, fixed))}]")
         if isinstance(dims[0], int):
-            raise ModelError(f"{onnx_path}: {role} {name} has a fixed batch of {dims[0]}; the engine needs a dynamic batch")
+            raise ModelError(f"{label}: {role} {name} has a fixed batch of {dims[0]}; the engine needs a dynamic batch")
         described.append(f"{name} [{', '.join(map(str, dims))}] float32")
     return " → ".join(described)
+
+
+def fp16_graph(model, label: Path | str):
+    """The FP16 form of a checked model (engines/onnx_fp16.py) and a one-line description; its I/O is checked."""
+    from engines.onnx_fp16 import float16_initializers, to_fp16
+
+    try:
+        converted = to_fp16(model)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelError(f"{label}: could not make its FP16 graph ({reason})") from None
+    check_io(converted, f"{label} (fp16 graph)")
+    halves, singles = float16_initializers(converted)
+    return converted, f"{halves} float16 weights, {singles} float32, I/O float32; checker passed"
 
 
 def import_tensorrt():
@@ -113,7 +140,7 @@ def import_tensorrt():
 
 
 class EngineBuilder:
-    """ONNX → serialized TensorRT engine: parse with OnnxParser, one optimization profile, FP16 when fast."""
+    """ONNX → serialized TensorRT engine: a strongly typed network parsed with OnnxParser, one optimization profile."""
 
     def __init__(self, settings: BuildSettings, *, verbose: bool = False) -> None:
         trt = self.trt = import_tensorrt()
@@ -126,20 +153,22 @@ class EngineBuilder:
         self.parser = None
 
     def fp16_problem(self) -> str | None:
-        """Why FP16 kernels cannot be enabled here; None when they can."""
-        trt = self.trt
-        if not hasattr(trt.BuilderFlag, "FP16"):
-            return f"TensorRT {trt.__version__} has no FP16 builder flag (strongly typed networks only)"
-        if not getattr(self.builder, "platform_has_fast_fp16", True):
-            return "this GPU has no fast FP16"
-        return None
+        """Why an FP16 engine would be slow here; None when it is fine. TensorRT 11 dropped the query (and weak
+        typing with it): there the FP16 graph decides the precision and the GPU is taken to have fast FP16."""
+        if getattr(self.builder, "platform_has_fast_fp16", True):
+            return None
+        return "this GPU has no fast FP16"
 
     def create_network(self, onnx_path: Path) -> None:
-        """Parse the ONNX into an explicit-batch network and add the min/opt/max batch profile for its input."""
+        """Parse the ONNX into a strongly typed network (the graph's own types: float16 in the FP16 graph,
+        float32 otherwise) and add the min/opt/max batch profile for its input."""
         trt = self.trt
         flags = 0
+        creation = trt.NetworkDefinitionCreationFlag
         if int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode from TensorRT 10 on
-            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+            flags |= 1 << int(creation.EXPLICIT_BATCH)
+        if hasattr(creation, "STRONGLY_TYPED"):  # opt-in on 10.x; 11.x is always strongly typed
+            flags |= 1 << int(creation.STRONGLY_TYPED)
         self.network = self.builder.create_network(flags)
         self.parser = trt.OnnxParser(self.network, self.logger)  # kept: the network uses weights it owns
         if not self.parser.parse_from_file(str(onnx_path)):
@@ -153,12 +182,10 @@ class EngineBuilder:
         profile.set_shape(chips.name, (low, *chip_dims), (opt, *chip_dims), (high, *chip_dims))
         self.config.add_optimization_profile(profile)
 
-    def create_engine(self, *, precision: str, timing_cache_path: Path):
+    def create_engine(self, *, timing_cache_path: Path):
         """The serialized engine (IHostMemory); the timing cache is read before the build and saved after it."""
         if self.network is None:
             raise ModelError("EngineBuilder.create_network must run before create_engine")
-        if precision == "fp16":
-            self.config.set_flag(self.trt.BuilderFlag.FP16)
         self._attach_timing_cache(timing_cache_path)
         serialized = self.builder.build_serialized_network(self.network, self.config)
         if serialized is None:
@@ -190,6 +217,7 @@ def plan_metadata(onnx_sha256: str, precision: str, settings: BuildSettings, run
         "onnx_sha256": onnx_sha256,
         "precision": precision,
         "max_batch": settings.max_batch,
+        "built_from": FP16_ONNX_FILE if precision == "fp16" else ONNX_FILE,
         "built_at": None,
         "build_s": None,
     }
@@ -199,7 +227,9 @@ def dry_run(models_dir: Path, settings: BuildSettings) -> dict:
     """Check the settings and the ONNX, print the plan to stderr; returns the metadata that would be written."""
     settings.check()
     onnx_path = models_dir / ONNX_FILE
-    io = check_onnx(onnx_path)
+    model = load_onnx(onnx_path)
+    io = check_io(model, onnx_path)
+    fp16_line = fp16_graph(model, onnx_path)[1] if settings.precision == "fp16" else None
     onnx_sha = sha256_file(onnx_path)
     runtime, why = runtime_or_reason()
     engine_path = engine_path_in(models_dir, settings.precision)
@@ -210,13 +240,14 @@ def dry_run(models_dir: Path, settings: BuildSettings) -> dict:
         if runtime
         else f"not usable here ({why}); the real build needs TensorRT + pycuda + an NVIDIA GPU"
     )
-    fp16_note = " (FP16 kernels where the GPU has fast FP16, else an fp32 engine)"
+    fp16_note = " (the FP16 graph where the GPU has fast FP16, else an fp32 engine)"
     precision_note = fp16_note if settings.precision == "fp16" else ""
     lines = [
         "build_trt: dry run, nothing written",
         f"  onnx          {onnx_path} (sha256 {onnx_sha[:12]}…)",
         f"  graph         {io}; checker passed",
         f"  precision     {settings.precision}{precision_note}",
+        *([f"  fp16 graph    {models_dir / FP16_ONNX_FILE}: {fp16_line}"] if fp16_line else []),
         f"  profile       batch min/opt/max {low}/{opt}/{high}",
         f"  workspace     {settings.workspace_mib} MiB",
         f"  engine        {engine_path}",
@@ -232,7 +263,8 @@ def build_engine(models_dir: Path, settings: BuildSettings, *, verbose: bool = F
     """Build <models_dir>/dlib_resnet_<precision>.engine and its metadata; returns the metadata written."""
     settings.check()
     onnx_path = models_dir / ONNX_FILE
-    check_onnx(onnx_path)
+    model = load_onnx(onnx_path)
+    check_io(model, onnx_path)
     import_tensorrt()
     runtime, why = runtime_or_reason()
     if runtime is None:
@@ -242,13 +274,16 @@ def build_engine(models_dir: Path, settings: BuildSettings, *, verbose: bool = F
     if precision == "fp16" and (why_not := builder.fp16_problem()):
         print(f"build_trt: {why_not}; building an fp32 engine instead", file=sys.stderr)
         precision = "fp32"
+    source = models_dir / (FP16_ONNX_FILE if precision == "fp16" else ONNX_FILE)
+    if precision == "fp16":  # strongly typed: the precision is in the graph (TensorRT 11 has no FP16 flag)
+        write_atomically(fp16_graph(model, onnx_path)[0].SerializeToString(), source)
     engine_path = engine_path_in(models_dir, precision)
     meta = plan_metadata(sha256_file(onnx_path), precision, settings, runtime)
     low, opt, high = settings.profile
     print(f"build_trt: building {engine_path.name} ({precision}, batch {low}/{opt}/{high}); minutes on a Jetson", file=sys.stderr)
     start = time.perf_counter()
-    builder.create_network(onnx_path)
-    serialized = builder.create_engine(precision=precision, timing_cache_path=models_dir / TIMING_CACHE_FILE)
+    builder.create_network(source)
+    serialized = builder.create_engine(timing_cache_path=models_dir / TIMING_CACHE_FILE)
     meta["build_s"] = round(time.perf_counter() - start, 1)
     meta["built_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     # Metadata goes first and comes back last: an interrupted write leaves an engine the embedder calls stale.

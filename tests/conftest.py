@@ -82,3 +82,40 @@ def sigterm_when_ready(child: subprocess.Popen, ready, timeout_s: float) -> tupl
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+@pytest.fixture(scope="session")
+def pair_chips(models_dir, data_dir) -> tuple[list, dict]:
+    """pairs/master.csv and, for each of its photos, the chip of its largest face found as `eval-pairs` finds it."""
+    from edge.config import Config, EmbedderConfig
+    from edge.evaluate import read_pairs_csv
+    from edge.images import load_image
+    from edge.pipeline import Pipeline
+
+    pairs = read_pairs_csv(data_dir / "pairs" / "master.csv")
+    pipeline = Pipeline(Config(models_dir=models_dir, embedder=EmbedderConfig(backend="onnxruntime")))
+    chips = {}
+    try:
+        for path in dict.fromkeys(p for pair in pairs for p in (pair.path_a, pair.path_b)):
+            faces = pipeline.analyze(load_image(path), thorough=True)
+            assert faces, f"no face in {path}"
+            chips[path] = max(faces, key=lambda f: f.face.area_px).chip
+    finally:
+        pipeline.close()
+    return pairs, chips
+
+
+def pairs_accuracy(backend, pair_chips, onnx_sha: str) -> float:
+    """Accuracy on master.csv at the default threshold with this backend behind the product's Embedder
+    (unit vectors, mirror averaging, batches of 8), from the chips of `pair_chips`."""
+    import numpy as np
+
+    from edge.config import Config
+    from edge.embed import Embedder
+    from edge.evaluate import accuracy_at, pair_distances
+
+    pairs, chips = pair_chips
+    paths = list(chips)
+    vectors = Embedder(backend, onnx_sha256=onnx_sha).embed(np.stack([chips[p] for p in paths]))
+    distances = pair_distances(pairs, dict(zip(paths, vectors)))
+    return accuracy_at(distances, np.array([pair.same for pair in pairs]), Config().match.threshold_l2)
