@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -122,12 +123,41 @@ def fetch_package(package: dict, models_dir: Path) -> list[dict]:
     return records
 
 
+def converter_sources(module_name: str) -> list[Path]:
+    """The converter's file and every engines/ module it imports, directly or not (fetch itself aside: it only
+    writes the result); a change to any of them changes what the converter makes."""
+    import ast
+
+    seen: dict[str, Path] = {}
+    pending = [module_name]
+    while pending:
+        name = pending.pop()
+        if name in seen or name == "engines.fetch":
+            continue
+        path = Path(importlib.util.find_spec(name).origin)
+        seen[name] = path
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                pending += [node.module] if node.module.startswith("engines.") else []
+            elif isinstance(node, ast.Import):
+                pending += [alias.name for alias in node.names if alias.name.startswith("engines.")]
+    return [seen[name] for name in sorted(seen)]
+
+
+def converter_sha256(module_name: str) -> str:
+    """One sha256 over converter_sources: the key that decides whether a converted file is up to date."""
+    digest = hashlib.sha256()
+    for path in converter_sources(module_name):
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def convert(conversion: dict, models_dir: Path, sources: dict[str, dict], previous: dict[str, dict]) -> dict:
     """Run one converter unless its output exists and was made from the same source; verify it either way."""
     target = models_dir / conversion["file"]
     source = sources[conversion["source"]]
     module = importlib.import_module(conversion["module"])
-    converter_sha = sha256_file(Path(module.__file__))
+    converter_sha = converter_sha256(conversion["module"])
     before = previous.get(conversion["file"], {})
     up_to_date = before.get("from_sha256") == source["sha256"] and before.get("converter_sha256") == converter_sha
     if target.exists() and up_to_date:

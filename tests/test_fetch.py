@@ -110,3 +110,39 @@ def test_tampered_converted_model_is_refused(models_dir, tmp_path, no_network):
     onnx_file.write_bytes(bytes(data))
     with pytest.raises(ModelError, match=r"dlib_face_recognition_resnet_model_v1.onnx: sha256 mismatch"):
         fetch.ensure_models(tmp_path)
+
+
+def test_converter_key_covers_the_modules_it_builds_with():
+    names = {m: [p.name for p in fetch.converter_sources(m)] for m in ("engines.dlib_to_onnx", "engines.ssd_to_onnx")}
+    assert names == {
+        "engines.dlib_to_onnx": ["dlib_serial.py", "dlib_to_onnx.py", "onnx_common.py"],
+        "engines.ssd_to_onnx": ["onnx_common.py", "ssd_to_onnx.py"],
+    }
+
+
+def test_a_change_in_a_shared_converter_module_converts_again(models_dir, tmp_path, monkeypatch, no_network):
+    """Editing only engines/onnx_common.py (not the converters) must not leave models made by the old code."""
+    for package in fetch.load_pins()["packages"]:
+        copy_package_files(package, models_dir, tmp_path)
+    for name in ("dlib_face_recognition_resnet_model_v1.onnx", "shape_predictor_5_face_landmarks.npz",
+                 "res10_300x300_ssd_iter_140000.onnx", "manifest.json"):
+        shutil.copy(models_dir / name, tmp_path / name)
+    real_sha = fetch.sha256_file
+    monkeypatch.setattr(fetch, "sha256_file", lambda p: "0" * 64 if p.name == "onnx_common.py" else real_sha(p))
+    converted = []
+
+    def record(module):
+        def convert(source, target):
+            converted.append(module)
+            shutil.copy(models_dir / target.name, target)
+
+        return convert
+
+    import engines.dlib_to_onnx
+    import engines.sp_to_npz
+    import engines.ssd_to_onnx
+
+    for module in (engines.dlib_to_onnx, engines.sp_to_npz, engines.ssd_to_onnx):
+        monkeypatch.setattr(module, "convert", record(module.__name__))
+    fetch.ensure_models(tmp_path)
+    assert sorted(converted) == ["engines.dlib_to_onnx", "engines.sp_to_npz", "engines.ssd_to_onnx"]
