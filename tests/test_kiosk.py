@@ -512,6 +512,25 @@ def test_button_press_within_admin_window_enrols_best_face_and_confirms(store, g
     assert [(e["person"], e["frame"]) for e in of(events, "unlock")] == [("alice", 2), (name, 8)]
 
 
+def test_two_button_enrolments_in_the_same_second_get_distinct_names(store, monkeypatch):
+    class FrozenClock:
+        @staticmethod
+        def now():
+            from datetime import datetime
+
+            return datetime(2026, 11, 25, 12, 0, 0)
+
+    monkeypatch.setattr(edge.kiosk, "datetime", FrozenClock)
+    bob = 2
+    config = Config.model_validate({"enroll": {"capture_frames": 3}})
+    kiosk, events = make_kiosk(store, SimulatedDoor(), config=config, press_button_at={1, 5})
+    run_steps(kiosk, frames([CAROL] * 4) + frames([bob] * 4, start_index=4, start_s=4 / FPS))
+    assert [e["person"] for e in of(events, "enrolled")] == ["person-20261125-120000", "person-20261125-120000-2"]
+    other = Store.open(store.path, fingerprint=store.fingerprint)
+    assert [p.name for p in other.persons] == ["alice", "person-20261125-120000", "person-20261125-120000-2"]
+    assert np.allclose(other.embeddings("person-20261125-120000-2")[0], embedding_of(bob), atol=1e-6)
+
+
 @pytest.mark.parametrize(("codes", "reason"), [
     ([ALICE] * 4, "already enrolled as alice"),
     ([NOBODY] * 4, "no face good enough (size, sharpness, frontal)"),
