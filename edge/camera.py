@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from edge.errors import CameraError, InputError
-from edge.images import IMAGE_SUFFIXES, load_image
+from edge.images import IMAGE_SUFFIXES, load_image, opencv_quiet
 from edge.types import Frame
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,14 @@ class Capture(Protocol):
 
 
 CaptureFactory = Callable[[str, int, Sequence[int]], Capture]
-"""Called like cv2.VideoCapture(target, api_preference, params); the default is cv2.VideoCapture itself."""
+"""Called like cv2.VideoCapture(target, api_preference, params); the default is open_capture."""
+
+
+def open_capture(*args) -> cv2.VideoCapture:
+    """cv2.VideoCapture(*args) without OpenCV's own warnings: a camera that is not there is reported by the
+    source in one line of ours (CameraError), not preceded by a backend dump."""
+    with opencv_quiet():
+        return cv2.VideoCapture(*args)
 
 
 class FpsMeter:
@@ -177,7 +184,7 @@ class Source(ABC):
 class VideoFileSource(Source):
     """A video file played frame by frame, none dropped; t_s = index / the file's fps, so runs are repeatable."""
 
-    def __init__(self, path: str | Path, *, capture_factory: CaptureFactory = cv2.VideoCapture) -> None:
+    def __init__(self, path: str | Path, *, capture_factory: CaptureFactory = open_capture) -> None:
         super().__init__(str(path))
         self.path = Path(path)
         if not self.path.is_file():
@@ -275,7 +282,7 @@ class LiveSource(Source):
         self,
         uri: str,
         *,
-        capture_factory: CaptureFactory = cv2.VideoCapture,
+        capture_factory: CaptureFactory = open_capture,
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
     ) -> None:
         super().__init__(uri)
@@ -414,7 +421,7 @@ class V4L2Source(LiveSource):
         width: int | None = None,
         height: int | None = None,
         fps: float | None = None,
-        capture_factory: CaptureFactory = cv2.VideoCapture,
+        capture_factory: CaptureFactory = open_capture,
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
     ) -> None:
         super().__init__(f"v4l2://{device}", capture_factory=capture_factory, max_backoff_s=max_backoff_s)
@@ -546,7 +553,7 @@ class CsiSource(LiveSource):
         width: int = CSI_DEFAULT_WIDTH_PX,
         height: int = CSI_DEFAULT_HEIGHT_PX,
         fps: int = CSI_DEFAULT_FPS,
-        capture_factory: CaptureFactory = cv2.VideoCapture,
+        capture_factory: CaptureFactory = open_capture,
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
     ) -> None:
         super().__init__(f"csi://{sensor_id}", capture_factory=capture_factory, max_backoff_s=max_backoff_s)

@@ -1,6 +1,8 @@
 """Read any still a user may hand us (JPEG/PNG/BMP, grey, 16-bit, RGBA, EXIF-rotated) as an upright BGR uint8 array."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -52,9 +54,16 @@ def decode_quietly(data: bytes) -> np.ndarray | None:
 
     imdecode (unlike imread) also rejects a truncated JPEG instead of returning it padded with grey.
     """
+    with opencv_quiet():
+        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+@contextmanager
+def opencv_quiet() -> Iterator[None]:
+    """OpenCV's own log muted inside the block: where we report a failure in one line, its dump is noise."""
     previous = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     try:
-        return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        yield
     finally:
         cv2.utils.logging.setLogLevel(previous)
