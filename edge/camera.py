@@ -32,6 +32,10 @@ from edge.errors import CameraError, InputError
 from edge.images import IMAGE_SUFFIXES, load_image, opencv_quiet
 from edge.types import Frame
 
+# FFmpeg's own lines (connection refused, 401, H.264 packet-loss noise) would come before our one-line camera
+# errors and flood the journal on every reconnection; OPENCV_FFMPEG_LOGLEVEL=16 in the environment shows them.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
 log = logging.getLogger(__name__)
 
 Status = Literal["ok", "lost", "ended"]

@@ -230,15 +230,18 @@ def test_v4l2_missing_device_error_names_the_fix() -> None:
     assert device.captures[0].released
 
 
-def test_missing_camera_through_the_real_cli_is_one_line_without_opencv_noise(tmp_path) -> None:
-    """The real cv2.VideoCapture on a device that does not exist: our line only, no OpenCV backend warning."""
+@pytest.mark.parametrize(("uri", "error"), [
+    ("/dev/video99", "error: camera /dev/video99 not found"),
+    ("rtsp://127.0.0.1:1/door", "error: stream rtsp://127.0.0.1:1/door cannot be opened"),  # port 1: refused
+], ids=["v4l2", "rtsp"])
+def test_unreachable_camera_through_the_real_cli_is_our_line_only(tmp_path, uri, error) -> None:
+    """The real cv2.VideoCapture (V4L2, FFmpeg): no OpenCV or FFmpeg line before ours."""
     from conftest import cli
 
-    proc = cli("run", "--source", "/dev/video99", "--store", tmp_path / "s.edgestore", "--audit", tmp_path / "a.sqlite")
+    proc = cli("run", "--source", uri, "--store", tmp_path / "s.edgestore", "--audit", tmp_path / "a.sqlite")
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: camera /dev/video99 not found") and len(lines) == 2, proc.stderr
-    assert "WARN" not in proc.stderr and "cap.cpp" not in proc.stderr
+    assert len(lines) == 2 and lines[0].startswith(f"run: source {uri}") and lines[1].startswith(error), proc.stderr
 
 
 def test_rtsp_opens_with_ffmpeg_and_short_timeouts() -> None:

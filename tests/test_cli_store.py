@@ -144,3 +144,12 @@ def test_encrypted_store_needs_the_right_key(store, tmp_path):
     wrong_config.write_text(f"store:\n  key_file: {wrong}\n")
     assert "wrong key" in one_line_error(cli("people", "list", "--store", encrypted, "--config", wrong_config))
     assert "key" in one_line_error(cli("people", "list", "--store", encrypted))
+
+
+def test_identify_with_nobody_enrolled_says_so_and_reports_no_distance(tmp_path):
+    result = cli("identify", SAMPLES / "obama.jpg", "--store", tmp_path / "empty.edgestore", "--json")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["faces"][0] | {"box": None} == {
+        "box": None, "name": None, "distance_l2": None, "margin": None}
+    assert "nobody is enrolled in" in result.stderr and "closest" not in result.stderr
+    assert not (tmp_path / "empty.edgestore").exists(), "identify must not create a store"
