@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from edge.config import Config, load_config
-from edge.console import emit_json, say
+from edge.console import emit_json, positive_int, say
 from edge.errors import EdgeError, InputError, StoreError
 from edge.images import IMAGE_SUFFIXES, photos_by_person
 
@@ -494,9 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=None, help="bench degrade: image folder (default: the pairs file's)")
     p.add_argument("--video", type=Path, default=SAMPLES / "video" / "walk_toward_camera.mp4", help="video to time")
     p.add_argument("--photos", type=Path, default=None, help="also time every photo under this folder")
-    p.add_argument("--frames", type=int, default=None, help="use only the first N video frames")
+    p.add_argument("--frames", type=positive_int, default=None, help="use only the first N video frames")
     p.add_argument("--no-reference", action="store_true", help="skip face_recognition (it is a dev dependency)")
-    p.add_argument("--size", type=int, default=100_000, help="bench store: number of synthetic people")
+    p.add_argument("--size", type=positive_int, default=100_000, help="bench store: number of synthetic people")
 
     def store_command(name: str, func, help_text: str) -> argparse.ArgumentParser:
         p = command(name, func, help_text)

@@ -1,6 +1,7 @@
-"""Command-line output rules in one place: human text on stderr, exactly one JSON document on stdout."""
+"""Command-line rules in one place: human text on stderr, exactly one JSON document on stdout, argument types."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -13,3 +14,14 @@ def say(message: str) -> None:
 def emit_json(document: object) -> None:
     """The one JSON document a `--json` command prints."""
     print(json.dumps(document, indent=2))
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (workers, sizes, frames): a whole number ≥ 1, else argparse's one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -7,7 +7,6 @@ reading, embedding (each distinct image once, optionally in worker processes) an
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import multiprocessing
@@ -24,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from edge.config import Config
-from edge.console import emit_json, say
+from edge.console import emit_json, positive_int, say
 from edge.errors import InputError
 from edge.images import photos_by_person
 
@@ -417,15 +416,8 @@ def _check_writable_target(path: Path | None) -> None:
         raise InputError(f"{path}: folder {path.parent} does not exist or is not writable")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _add_workers_argument(parser) -> None:
-    parser.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=1, metavar="N",
                         help="embed with N processes, each with its own models (default 1)")
 
 
@@ -545,7 +537,7 @@ def open_set_rates(best: np.ndarray, best_l2: np.ndarray, second_l2: np.ndarray,
 
 def add_eval_ident_arguments(parser) -> None:
     parser.add_argument("folder", type=Path, metavar="DIR", help="one sub-folder of photos per person")
-    parser.add_argument("--enrol-k", type=_positive_int, default=1, metavar="K",
+    parser.add_argument("--enrol-k", type=positive_int, default=1, metavar="K",
                         help="enrol each person's first K photos (sorted), probe with the rest (default 1)")
     parser.add_argument("--holdout", type=int, default=0, metavar="N",
                         help="also leave the last N people (by name) out of enrolment as impostor probes")

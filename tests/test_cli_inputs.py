@@ -396,3 +396,17 @@ def test_unreadable_file_is_one_line_and_exit_2(tmp_path, models_dir):
     path = save(tmp_path / "locked.jpg", cv2.imread(str(OBAMA)))
     path.chmod(0)
     assert_bad_input(cli("verify", "--json", path, OBAMA), path, "cannot be read (Permission denied)")
+
+
+@pytest.mark.parametrize("args", [
+    ("bench", "store", "--size", "-5"),
+    ("bench", "--frames", "0"),
+    ("eval-pairs", "pairs.txt", ".", "--workers", "0"),
+    ("bench", "store", "--size", "many"),
+], ids=["negative_size", "zero_frames", "zero_workers", "not_a_number"])
+def test_counts_below_one_are_a_usage_error_not_a_crash(args):
+    result = cli(*args)
+    assert result.returncode == 2 and result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m edge ") and ("must be at least 1" in last or "must be a whole number" in last)
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
