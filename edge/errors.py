@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+def first_line(message: object, default: str = "no details") -> str:
+    """The first line of a message (an exception's, a parser's) for a one-line error; `default` when empty."""
+    return (str(message).strip().splitlines() or [default])[0]
+
+
 class EdgeError(Exception):
     """Base class: a problem the user can fix; str(err) is the one line shown to them."""
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edge.backends.tensorrt import ENGINE_STEM, engine_path_in, metadata_path, runtime_or_reason
 from edge.embed import CHIP_PX, ONNX_FILE
-from edge.errors import ConfigError, EdgeError, ModelError
+from edge.errors import ConfigError, EdgeError, ModelError, first_line
 from engines.fetch import default_models_dir, sha256_file, write_atomically
 
 FP16_ONNX_FILE = ONNX_FILE.removesuffix(".onnx") + ".fp16.onnx"  # what an FP16 engine is parsed from
@@ -70,8 +70,9 @@ def _dims(value_info) -> list[int | str]:
     ]
 
 
-def load_onnx(onnx_path: Path):
-    """The checked ONNX model, or a ModelError naming the fix."""
+def checked_onnx(onnx_path: Path):
+    """(model, one-line description of its I/O); ModelError unless the file is a valid ONNX graph with input chips
+    [batch,3,150,150] float32 → embeddings [batch,128] float32 and a dynamic batch."""
     import onnx
 
     if not onnx_path.exists():
@@ -80,19 +81,13 @@ def load_onnx(onnx_path: Path):
         model = onnx.load(str(onnx_path))
         onnx.checker.check_model(model)
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = first_line(err, type(err).__name__)
         raise ModelError(f"{onnx_path} is not a valid ONNX model ({reason}): run `make models` again") from None
-    return model
-
-
-def check_onnx(onnx_path: Path) -> str:
-    """Raise ModelError unless the graph is valid with input chips [batch,3,150,150] float32 → embeddings
-    [batch,128] float32 and a dynamic batch; returns a one-line description of its I/O."""
-    return check_io(load_onnx(onnx_path), onnx_path)
+    return model, check_io(model, onnx_path)
 
 
 def check_io(model, label: Path | str) -> str:
-    """check_onnx's I/O rules for a loaded model (`label` names it in errors)."""
+    """checked_onnx's I/O rules for a loaded model (`label` names it in errors); the I/O description."""
     import onnx
 
     graph = model.graph
@@ -123,8 +118,7 @@ def fp16_graph(model, label: Path | str):
     try:
         converted = to_fp16(model)
     except Exception as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ModelError(f"{label}: could not make its FP16 graph ({reason})") from None
+        raise ModelError(f"{label}: could not make its FP16 graph ({first_line(err, type(err).__name__)})") from None
     check_io(converted, f"{label} (fp16 graph)")
     halves, singles = float16_initializers(converted)
     return converted, f"{halves} float16 weights, {singles} float32, I/O float32; checker passed"
@@ -172,8 +166,7 @@ class EngineBuilder:
         self.network = self.builder.create_network(flags)
         self.parser = trt.OnnxParser(self.network, self.logger)  # kept: the network uses weights it owns
         if not self.parser.parse_from_file(str(onnx_path)):
-            errors = [str(self.parser.get_error(i)).strip() for i in range(self.parser.num_errors)]
-            first = (errors[0].splitlines() or ["no details"])[0] if errors else "no details"
+            first = first_line(self.parser.get_error(0) if self.parser.num_errors else "")
             raise ModelError(f"TensorRT could not parse {onnx_path}: {first}")
         chips = self.network.get_input(0)
         chip_dims = tuple(chips.shape)[1:]
@@ -227,8 +220,7 @@ def dry_run(models_dir: Path, settings: BuildSettings) -> dict:
     """Check the settings and the ONNX, print the plan to stderr; returns the metadata that would be written."""
     settings.check()
     onnx_path = models_dir / ONNX_FILE
-    model = load_onnx(onnx_path)
-    io = check_io(model, onnx_path)
+    model, io = checked_onnx(onnx_path)
     fp16_line = fp16_graph(model, onnx_path)[1] if settings.precision == "fp16" else None
     onnx_sha = sha256_file(onnx_path)
     runtime, why = runtime_or_reason()
@@ -263,8 +255,7 @@ def build_engine(models_dir: Path, settings: BuildSettings, *, verbose: bool = F
     """Build <models_dir>/dlib_resnet_<precision>.engine and its metadata; returns the metadata written."""
     settings.check()
     onnx_path = models_dir / ONNX_FILE
-    model = load_onnx(onnx_path)
-    check_io(model, onnx_path)
+    model, _ = checked_onnx(onnx_path)
     import_tensorrt()
     runtime, why = runtime_or_reason()
     if runtime is None:
@@ -316,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.filename or models_dir}: {err.strerror}", file=sys.stderr)
         return 2
     except Exception as err:  # TensorRT raises plain RuntimeError/TypeError; the user gets one line, not a traceback
-        detail = (str(err).strip().splitlines() or ["no details"])[0]
-        print(f"error: engine build failed ({type(err).__name__}: {detail})", file=sys.stderr)
+        print(f"error: engine build failed ({type(err).__name__}: {first_line(err)})", file=sys.stderr)
         return 2
     if not args.dry_run:
         print(f"build_trt: ok  {meta['precision']} engine built in {meta['build_s']} s", file=sys.stderr)

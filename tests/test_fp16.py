@@ -68,7 +68,7 @@ def test_fp16_graph_stores_float16_and_keeps_float32_io(fp32_model, fp16_model, 
     path = tmp_path / "fp16.onnx"
     onnx.save(fp16_model, str(path))
     # the builder's own graph check: chips [batch,3,150,150] float32 → embeddings [batch,128] float32, dynamic batch
-    assert build_trt.check_onnx(path).startswith("chips [")
+    assert build_trt.checked_onnx(path)[1].startswith("chips [")
     assert path.stat().st_size < 0.55 * sum(init.ByteSize() for init in fp32_model.graph.initializer)
 
 

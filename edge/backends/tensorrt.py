@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import InputError, ModelError
+from edge.errors import InputError, ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,7 @@ def runtime_or_reason(device: int = 0) -> tuple[dict | None, str]:
         major, minor = gpu.compute_capability()
         return {"tensorrt_version": trt.__version__, "gpu_name": gpu.name(), "compute_capability": f"{major}.{minor}"}, ""
     except Exception as err:  # a broken CUDA install must read as "no TensorRT here", never crash the caller
-        detail = (str(err).strip().splitlines() or ["no details"])[0]
-        return None, f"TensorRT/CUDA not usable ({type(err).__name__}: {detail})"
+        return None, f"TensorRT/CUDA not usable ({type(err).__name__}: {first_line(err)})"
 
 
 def probe_runtime() -> dict | None:
