@@ -32,10 +32,6 @@ from edge.errors import CameraError, InputError
 from edge.images import IMAGE_SUFFIXES, load_image, opencv_quiet
 from edge.types import Frame
 
-# FFmpeg's own lines (connection refused, 401, H.264 packet-loss noise) would come before our one-line camera
-# errors and flood the journal on every reconnection; OPENCV_FFMPEG_LOGLEVEL=16 in the environment shows them.
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-
 log = logging.getLogger(__name__)
 
 Status = Literal["ok", "lost", "ended"]
@@ -79,7 +75,12 @@ CaptureFactory = Callable[[str, int, Sequence[int]], Capture]
 
 def open_capture(*args) -> cv2.VideoCapture:
     """cv2.VideoCapture(*args) without OpenCV's own warnings: a camera that is not there is reported by the
-    source in one line of ours (CameraError), not preceded by a backend dump."""
+    source in one line of ours (CameraError), not preceded by a backend dump.
+
+    FFmpeg logs on its own (connection refused, 401, H.264 packet-loss noise, on every reconnection too); it is
+    muted unless OPENCV_FFMPEG_LOGLEVEL is set (16 shows its errors). OpenCV reads it when a capture opens.
+    """
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     with opencv_quiet():
         return cv2.VideoCapture(*args)
 
