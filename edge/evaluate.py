@@ -251,12 +251,19 @@ Embeddings = dict[Path, "np.ndarray | None"]
 _worker_pipeline = None
 
 
-def largest_face_embedding(pipeline, path: Path) -> np.ndarray | None:
-    """Unit embedding of the largest face in the image, None when there is no face."""
+def largest_face(pipeline, path: Path):
+    """The largest face in the image (EmbeddedFace: chip and embedding), found as photos are searched
+    (thorough); None when there is no face."""
     from edge.images import load_image
 
     faces = pipeline.analyze(load_image(path), thorough=True)
-    return max(faces, key=lambda f: f.face.area_px).embedding if faces else None
+    return max(faces, key=lambda f: f.face.area_px) if faces else None
+
+
+def largest_face_embedding(pipeline, path: Path) -> np.ndarray | None:
+    """Unit embedding of the largest face in the image, None when there is no face."""
+    face = largest_face(pipeline, path)
+    return face.embedding if face is not None else None
 
 
 def _start_worker(config: Config) -> None:

@@ -88,8 +88,7 @@ def sigterm_when_ready(child: subprocess.Popen, ready, timeout_s: float) -> tupl
 def pair_chips(models_dir, data_dir) -> tuple[list, dict]:
     """pairs/master.csv and, for each of its photos, the chip of its largest face found as `eval-pairs` finds it."""
     from edge.config import Config, EmbedderConfig
-    from edge.evaluate import read_pairs_csv
-    from edge.images import load_image
+    from edge.evaluate import largest_face, read_pairs_csv
     from edge.pipeline import Pipeline
 
     pairs = read_pairs_csv(data_dir / "pairs" / "master.csv")
@@ -97,9 +96,9 @@ def pair_chips(models_dir, data_dir) -> tuple[list, dict]:
     chips = {}
     try:
         for path in dict.fromkeys(p for pair in pairs for p in (pair.path_a, pair.path_b)):
-            faces = pipeline.analyze(load_image(path), thorough=True)
-            assert faces, f"no face in {path}"
-            chips[path] = max(faces, key=lambda f: f.face.area_px).chip
+            face = largest_face(pipeline, path)
+            assert face is not None, f"no face in {path}"
+            chips[path] = face.chip
     finally:
         pipeline.close()
     return pairs, chips
