@@ -284,19 +284,19 @@ def cmd_identify(args, config: Config) -> int:
     matches = store.match(
         np.stack([f.embedding for f in faces]), threshold_l2=config.match.threshold_l2, margin_l2=config.match.margin_l2
     )
-    results = []
-    if len(store) == 0:
+    nobody = len(store) == 0  # then there are no distances: the store's placeholder for "nobody" is not one
+    if nobody:
         say(f"identify: nobody is enrolled in {store.path}; every face is unknown (enrol with `python -m edge enroll`)")
+    results = []
     for face, match in zip(faces, matches):
         box = [int(v) for v in face.face.box]
-        if len(store) == 0:  # no distances to report: the store's placeholder for "nobody" is not one
-            results.append({"box": rounded(face.face.box, 1), "name": None, "distance_l2": None, "margin": None})
+        distance, margin = (None, None) if nobody else (round(match.distance_l2, 4), round(match.margin_l2, 4))
+        results.append({"box": rounded(face.face.box, 1), "name": match.person, "distance_l2": distance, "margin": margin})
+        if nobody:
             say(f"unknown at {box}")
-            continue
-        results.append({"box": rounded(face.face.box, 1), "name": match.person,
-                        "distance_l2": round(match.distance_l2, 4), "margin": round(match.margin_l2, 4)})
-        who = match.person or f"unknown (closest {match.candidate}, {match.distance_l2:.3f})"
-        say(f"{who} at {box} distance {match.distance_l2:.3f} margin {match.margin_l2:.3f}")
+        else:
+            who = match.person or f"unknown (closest {match.candidate}, {match.distance_l2:.3f})"
+            say(f"{who} at {box} distance {match.distance_l2:.3f} margin {match.margin_l2:.3f}")
     if args.json:
         emit_json({"faces": results})
     return 0 if any(r["name"] for r in results) else 1
