@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edge.config import Config, load_config
 from edge.console import emit_json, positive_int, say
-from edge.errors import EdgeError, InputError, StoreError
+from edge.errors import EdgeError, InputError, StoreError, first_line
 from edge.images import IMAGE_SUFFIXES, photos_by_person
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # a bug, not bad input: one line here, the traceback with -v
         logging.getLogger("edge").debug("unexpected error", exc_info=True)
-        say(f"error: unexpected {type(err).__name__}: {err} (run with -v for details)")
+        say(f"error: unexpected {type(err).__name__}: {first_line(err)} (run with -v for details)")
         return INTERNAL_ERROR
 
 

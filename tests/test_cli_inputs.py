@@ -410,3 +410,17 @@ def test_counts_below_one_are_a_usage_error_not_a_crash(args):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("python -m edge ") and ("must be at least 1" in last or "must be a whole number" in last)
     assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
+
+
+def test_an_internal_error_is_one_line_and_exit_3(monkeypatch, capsys):
+    """A bug (not bad input) still gives exactly one stderr line, even when its message spans several."""
+    import edge.__main__ as cli_main
+
+    def broken(args, config):
+        raise RuntimeError("first line of the bug\nsecond line\nthird line")
+
+    monkeypatch.setattr(cli_main, "cmd_identify", broken)
+    assert cli_main.main(["identify", "photo.jpg"]) == 3
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == [
+        "error: unexpected RuntimeError: first line of the bug (run with -v for details)"]
