@@ -20,28 +20,14 @@ FP16_MAX = 65504.0
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """float16 weights and activations, float32 graph input and output; the result passes onnx.checker."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16  # ships with onnxruntime
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # both ship with onnxruntime
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     converted = convert_float_to_float16(model, keep_io_types=True)
-    sort_nodes(converted.graph)  # the converter appends its Casts at the end; checker and TensorRT want order
+    # the converter appends its Casts at the end; onnx.checker and TensorRT's parser want topological order
+    OnnxModel.graph_topological_sort(converted.graph, is_deterministic=True)
     onnx.checker.check_model(converted)
     return converted
-
-
-def sort_nodes(graph: onnx.GraphProto) -> None:
-    """Put the nodes in topological order (stable: a node moves only after the nodes it reads from)."""
-    ready = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        runnable = [node for node in pending if all(name in ready for name in node.input)]
-        if not runnable:
-            raise ValueError(f"graph has a cycle or a dangling input at node {pending[0].name!r}")
-        for node in runnable:
-            ordered.append(node)
-            ready.update(node.output)
-        pending = [node for node in pending if all(node is not done for done in runnable)]
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 def float16_initializers(model: onnx.ModelProto) -> tuple[int, int]:
