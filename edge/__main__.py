@@ -16,6 +16,7 @@ from edge.config import Config, load_config
 from edge.console import emit_json, positive_int, say
 from edge.errors import EdgeError, InputError, StoreError, first_line
 from edge.images import IMAGE_SUFFIXES, photos_by_person
+from edge.names import clean_name, shown
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = PROJECT_ROOT / "samples"
@@ -184,6 +185,7 @@ def enrol_person(pipeline, store, name: str, paths: list[Path], config: Config, 
     """Embed every photo (all must pass the gates), then add them to the person in one atomic edit."""
     import numpy as np
 
+    name = clean_name(name)  # a refused name costs no model time
     faces = [enrolment_face(pipeline, path, config, largest=args.largest) for path in paths]
     embeddings = np.stack([f.embedding for f in faces])
     with store.edit():
@@ -207,17 +209,19 @@ def cmd_enroll(args, config: Config) -> int:
     if args.from_dir:
         people = photos_by_person(args.from_dir)
         enrolled, refused = [], []
-        for i, (name, photos) in enumerate(people.items(), 1):
-            say(f"[{i}/{len(people)}] {name}: {len(photos)} photo(s)")
-            try:
+        for i, (folder, photos) in enumerate(people.items(), 1):
+            try:  # one bad folder name or photo costs that person only; the batch goes on
+                name = clean_name(folder)
+                say(f"[{i}/{len(people)}] {name}: {len(photos)} photo(s)")
                 enrolled.append(enrol_person(pipeline, store, name, photos, config, args))
-            except InputError as err:
-                say(f"  skipped {name}: {err}")
-                refused.append({"name": name, "reason": str(err)})
+            except EdgeError as err:
+                say(f"[{i}/{len(people)}] skipped {shown(folder)}: {err}")
+                refused.append({"name": folder, "reason": str(err)})
         if args.json:
             emit_json({"enrolled": enrolled, "refused": refused})
         if refused:
-            say(f"error: {len(refused)} of {len(people)} people not enrolled (see above)")
+            say(f"error: {len(refused)} of {len(people)} people not enrolled: "
+                f"{', '.join(shown(r['name']) for r in refused)} (reasons above)")
             return 2
         return 0
     if not args.name or not args.images:
@@ -234,6 +238,8 @@ def person_dict(person) -> dict:
 
 
 def cmd_people(args, config: Config) -> int:
+    if args.action != "list" and not args.person:
+        raise InputError(f"people {args.action} needs PERSON (a name or an id; see `python -m edge people list`)")
     store = open_store(config, args)
     if args.action == "list":
         people = [person_dict(p) for p in store.persons]
@@ -253,7 +259,7 @@ def cmd_people(args, config: Config) -> int:
     else:
         with store.edit():
             removed = store.remove(args.person)
-        forgotten = forget_in_audit(config, args, removed.name)
+        forgotten = forget_in_audit(config, args, removed)
         result = {**person_dict(removed), "removed": True, "audit_rows_anonymised": forgotten}
         say(f"removed {removed.name}: templates erased, {forgotten} log entries anonymised")
     if args.json:
@@ -261,8 +267,9 @@ def cmd_people(args, config: Config) -> int:
     return 0
 
 
-def forget_in_audit(config: Config, args, name: str) -> int:
-    """Right to be forgotten: the audit log keeps the event but drops the name and the snapshots."""
+def forget_in_audit(config: Config, args, person) -> int:
+    """Right to be forgotten: the audit log keeps the events but drops the person's id, name and snapshots,
+    whatever name they had when each row was written."""
     from edge.audit import AuditLog
 
     path = getattr(args, "audit", None) or config.audit.path
@@ -270,7 +277,7 @@ def forget_in_audit(config: Config, args, name: str) -> int:
         return 0
     log = AuditLog(path)
     try:
-        return log.forget_person(name)
+        return log.forget_person(person.id, legacy_name=person.name)
     finally:
         log.close()
 

@@ -1,6 +1,7 @@
 """Append-only decision log in SQLite (one row per door decision) with optional face snapshots and retention."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sqlite3
@@ -11,7 +12,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.errors import InputError, StoreError
+from edge.errors import InputError, StoreError, first_line
+
+log = logging.getLogger("edge.audit")
 
 SECONDS_PER_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SCHEMA = """
@@ -26,15 +29,28 @@ CREATE TABLE IF NOT EXISTS decisions (
     margin_l2 REAL,
     votes INTEGER,
     door_action TEXT,
-    snapshot TEXT
+    snapshot TEXT,
+    person_id TEXT
 );
 CREATE INDEX IF NOT EXISTS decisions_time ON decisions (t_unix);
 """
-COLUMNS = ("id", "t_unix", "event", "person", "track", "frame", "distance_l2", "margin_l2", "votes", "door_action", "snapshot")
+# Logs written before rows carried the person id gain the column (NULL in their old rows) when opened.
+ADD_PERSON_ID = "ALTER TABLE decisions ADD COLUMN person_id TEXT"
+PERSON_ID_INDEX = "CREATE INDEX IF NOT EXISTS decisions_person_id ON decisions (person_id)"
+COLUMNS = ("id", "t_unix", "event", "person", "track", "frame", "distance_l2", "margin_l2", "votes", "door_action", "snapshot",
+           "person_id")
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+JPEG_SUFFIX = ".jpg"
 
 
 class AuditLog:
-    """Opened lazily; `record` appends a row (and a snapshot JPEG when given), `prune` applies retention."""
+    """Opened lazily; `record` appends a row (and a snapshot JPEG when given), `prune` applies retention.
+
+    Rows and snapshots are keyed by person id, never by name: snapshot files are named by time, event and id, and
+    `forget_person(id)` erases a person whatever they were called when the row was written. The log, its folder and
+    the snapshots are private (0600 files, 0700 folders) whatever the umask.
+    """
 
     def __init__(self, path: Path, *, retention_days: float = 30.0, snapshot_dir: Path | None = None) -> None:
         self.path = Path(path)
@@ -45,36 +61,53 @@ class AuditLog:
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-                self._db.executescript(SCHEMA)
-                os.chmod(self.path, 0o600)
+                private_dir(self.path.parent)
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))  # private before SQLite writes a byte
+                os.chmod(self.path, FILE_MODE)
+                db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                db.executescript(SCHEMA)
+                if "person_id" not in {row[1] for row in db.execute("PRAGMA table_info(decisions)")}:
+                    db.execute(ADD_PERSON_ID)
+                db.execute(PERSON_ID_INDEX)
+                self._db = db
             except (sqlite3.Error, OSError) as err:
                 raise StoreError(f"audit log {self.path} cannot be opened: {err}") from None
         return self._db
 
-    def record(self, decision, *, door_action: str, snapshot: np.ndarray | None = None, t_unix: float | None = None) -> int:
-        """Append one decision; returns its row id."""
+    def record(self, decision, *, door_action: str, snapshot: np.ndarray | None = None, t_unix: float | None = None,
+               person_id: str | None = None) -> int:
+        """Append one decision (`person_id`: the store id of `decision.person`); returns its row id.
+
+        A snapshot that cannot be written is logged and left out; the row is still written.
+        """
         t_unix = time.time() if t_unix is None else t_unix
-        snapshot_path = self._save_snapshot(snapshot, decision, t_unix) if snapshot is not None else None
+        snapshot_path = None
+        if snapshot is not None and self.snapshot_dir is not None:
+            try:
+                snapshot_path = self._save_snapshot(snapshot, decision.event, person_id, t_unix)
+            except (OSError, cv2.error) as err:
+                log.warning("audit_snapshot_failed dir=%s error=%s", self.snapshot_dir, first_line(err))
         cursor = self._connect().execute(
-            "INSERT INTO decisions (t_unix, event, person, track, frame, distance_l2, margin_l2, votes, door_action, snapshot)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO decisions (t_unix, event, person, track, frame, distance_l2, margin_l2, votes, door_action, snapshot,"
+            " person_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 t_unix, decision.event, decision.person, decision.track, decision.frame,
                 float(decision.distance_l2), float(decision.margin_l2), decision.votes, door_action, snapshot_path,
+                person_id,
             ),
         )
         return int(cursor.lastrowid)
 
-    def _save_snapshot(self, image: np.ndarray, decision, t_unix: float) -> str | None:
-        if self.snapshot_dir is None:
-            return None
-        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+    def _save_snapshot(self, image: np.ndarray, event: str, person_id: str | None, t_unix: float) -> str:
+        """The chip as a private JPEG named by time, event and person id (never by name)."""
+        ok, encoded = cv2.imencode(JPEG_SUFFIX, image)
+        if not ok:
+            raise OSError(f"cannot encode a {image.shape} image as JPEG")
+        private_dir(self.snapshot_dir)
         stamp = datetime.fromtimestamp(t_unix, timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        path = self.snapshot_dir / f"{stamp}-{decision.event}-{decision.person or 'unknown'}.jpg"
-        cv2.imwrite(str(path), image)
-        os.chmod(path, 0o600)
+        path = self.snapshot_dir / f"{stamp}-{event}-{person_id or 'unknown'}{JPEG_SUFFIX}"
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as file:
+            file.write(encoded.tobytes())
         return str(path)
 
     def rows(self, since_unix: float = 0.0) -> list[dict]:
@@ -95,20 +128,32 @@ class AuditLog:
         db.execute("DELETE FROM decisions WHERE t_unix < ?", (cutoff,))
         return len(old)
 
-    def forget_person(self, name: str) -> int:
-        """Right to be forgotten: delete a person's snapshots and their name from the log; returns rows touched."""
+    def forget_person(self, person_id: str, legacy_name: str | None = None) -> int:
+        """Right to be forgotten: delete the snapshots of every row of this person id and drop their name and id
+        from the log (the event itself stays); returns rows touched. Rows written before rows carried ids have
+        none: those under `legacy_name` (the person's name when removed) are erased too."""
+        where = "person_id = ? OR (person_id IS NULL AND person = ?)"
         db = self._connect()
-        rows = db.execute("SELECT id, snapshot FROM decisions WHERE person = ?", (name,)).fetchall()
+        rows = db.execute(f"SELECT id, snapshot FROM decisions WHERE {where}", (person_id, legacy_name)).fetchall()
         for _, snapshot in rows:
             if snapshot:
                 Path(snapshot).unlink(missing_ok=True)
-        db.execute("UPDATE decisions SET person = NULL, snapshot = NULL WHERE person = ?", (name,))
+        db.execute(f"UPDATE decisions SET person = NULL, person_id = NULL, snapshot = NULL WHERE {where}",
+                   (person_id, legacy_name))
         return len(rows)
 
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` and its missing parents as 0700 whatever the umask; existing folders are left as they are."""
+    for folder in reversed([path, *path.parents]):
+        if not folder.is_dir():
+            folder.mkdir(mode=DIR_MODE, exist_ok=True)
+            os.chmod(folder, DIR_MODE)
 
 
 def parse_since(text: str, now_unix: float | None = None) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 
 from edge.config import Config
 from edge.decide import Decider, Decision
-from edge.errors import StoreError
+from edge.errors import StoreError, first_line
 from edge.quality import quality_problem, quality_score
 from edge.sdnotify import Notifier
 from edge.types import EmbeddedFace, Frame
@@ -103,13 +103,21 @@ class Kiosk:
                 latency_ms = (self.clock() - first_wall) * 1e3
                 self.latencies_ms.append(latency_ms)
                 latency = {"latency_ms": round(latency_ms, 1), "frames_to_decide": decision.frame - decision.first_frame + 1}
-        if self.audit is not None:
-            snapshot = next((f.chip for f in faces if f.face.box == decision.box), None)
-            self.audit.record(decision, door_action=door_action, snapshot=snapshot)
-        return self._event(
-            decision.event, frame, person=decision.person, distance_l2=round(decision.distance_l2, 4),
-            margin_l2=round(decision.margin_l2, 4), track=decision.track, votes=decision.votes, door=door_action, **latency,
+        face, match = next(((f, m) for f, m in zip(faces, self.last_matches) if f.face.box == decision.box), (None, None))
+        person_id = match.extra.get("candidate_id") if match is not None and decision.person is not None else None
+        event = self._event(
+            decision.event, frame, person=decision.person, person_id=person_id,
+            distance_l2=round(decision.distance_l2, 4), margin_l2=round(decision.margin_l2, 4), track=decision.track,
+            votes=decision.votes, door=door_action, **latency,
         )
+        if self.audit is not None:
+            try:
+                self.audit.record(decision, door_action=door_action, snapshot=None if face is None else face.chip,
+                                  person_id=person_id)
+            except Exception as err:  # the log is a record of the door, never a reason to stop it
+                log.error("event=audit_write_failed decision=%s frame=%d error=%s: %s", decision.event, frame.index,
+                          type(err).__name__, first_line(err))
+        return event
 
     def _enrolment(self, frame: Frame, faces: list[EmbeddedFace]) -> list[dict]:
         """Button enrolment: after a press (by an admin, or anyone while no admin is configured) watch

@@ -31,12 +31,10 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import struct
 import tempfile
 import time
-import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.errors import StoreError
+from edge.names import ID_HEX_DIGITS, MAX_NOTE_CHARS, clean_name, clean_text, name_key, shown
 from edge.types import Match
 
 log = logging.getLogger(__name__)
@@ -72,12 +71,7 @@ TEMP_SUFFIX = ".tmp"
 BACKUP_SUFFIX = ".bak"
 LOCK_SUFFIX = ".lock"
 
-ID_BYTES = 6
-ID_PATTERN = re.compile(r"[0-9a-f]{%d}" % (2 * ID_BYTES))
-MAX_NAME_CHARS = 64
-MAX_NOTE_CHARS = 256
-# Control characters, lone surrogates and line/paragraph separators would break one-line logs and the CLI.
-FORBIDDEN_CHAR_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+ID_BYTES = ID_HEX_DIGITS // 2
 # Below this length an embedding has no usable direction; refusing beats dividing by almost zero.
 MIN_EMBEDDING_NORM = 1e-6
 # The matrix buffer grows by this factor when persons are appended, so bulk enrolment stays linear.
@@ -142,17 +136,17 @@ class _Table:
         """Positions by id and by case-folded name, built on first use (a kiosk that only matches never needs it)."""
         if self._by_id is None or self._by_name is None:
             self._by_id = {pid: i for i, pid in enumerate(self.ids)}
-            self._by_name = {_name_key(name): i for i, name in enumerate(self.names)}
+            self._by_name = {name_key(name): i for i, name in enumerate(self.names)}
         return self._by_id, self._by_name
 
     def locate(self, ref: str) -> int | None:
         """Position of the person whose id is `ref`, else whose name equals it ignoring case."""
         by_id, by_name = self._index()
         position = by_id.get(ref)
-        return by_name.get(_name_key(ref)) if position is None else position
+        return by_name.get(name_key(ref)) if position is None else position
 
     def position_of_name(self, name: str) -> int | None:
-        return self._index()[1].get(_name_key(name))
+        return self._index()[1].get(name_key(name))
 
     def new_id(self) -> str:
         by_id = self._index()[0]
@@ -162,7 +156,7 @@ class _Table:
 
     def append(self, person: Person, rows: np.ndarray) -> None:
         by_id, by_name = self._index()
-        by_id[person.id] = by_name[_name_key(person.name)] = len(self.ids)
+        by_id[person.id] = by_name[name_key(person.name)] = len(self.ids)
         self.ids.append(person.id)
         self.names.append(person.name)
         self.created_utc.append(person.created_utc)
@@ -197,8 +191,8 @@ class _Table:
 
     def rename(self, position: int, name: str) -> None:
         by_name = self._index()[1]
-        del by_name[_name_key(self.names[position])]
-        by_name[_name_key(name)] = position
+        del by_name[name_key(self.names[position])]
+        by_name[name_key(name)] = position
         self.names[position] = name
 
 
@@ -333,8 +327,8 @@ class Store:
     def add_person(self, name: str, embeddings: np.ndarray, note: str | None = None) -> Person:
         """Enrol a new person with 1..k embeddings (only the newest `max_embeddings_per_person` are kept)."""
         self._require_editing()
-        name = _clean_name(name)
-        note = None if note is None else _clean_text(note, "note", MAX_NOTE_CHARS)
+        name = clean_name(name)
+        note = None if note is None else clean_text(note, "note", MAX_NOTE_CHARS)
         rows = _unit_rows(embeddings)[-self.max_embeddings_per_person :]
         table = self._table
         taken = table.position_of_name(name)
@@ -360,7 +354,7 @@ class Store:
         """Give a person another display name (a change of case only is allowed)."""
         self._require_editing()
         position = self._position(person_ref)
-        new_name = _clean_name(new_name)
+        new_name = clean_name(new_name)
         taken = self._table.position_of_name(new_name)
         if taken not in (None, position):
             raise StoreError(f"cannot rename to {new_name!r}: {self._table.names[taken]!r} is already enrolled "
@@ -383,7 +377,7 @@ class Store:
     def _position(self, person_ref: str) -> int:
         position = self._table.locate(person_ref)
         if position is None:
-            raise StoreError(f"no person {person_ref!r} (id or name) in {self.path}: list them with "
+            raise StoreError(f"no person {shown(person_ref)} (id or name) in {self.path}: list them with "
                              "`python -m edge people list`")
         return position
 
@@ -459,7 +453,7 @@ class Store:
                            "names": table.names, "created_utc": table.created_utc, "notes": table.notes,
                            "counts": table.counts}, separators=(",", ":")).encode()
         meta += b" " * (-(META_LENGTH.size + len(meta)) % MATRIX_ALIGN_BYTES)
-        matrix = memoryview(np.ascontiguousarray(table.matrix, dtype="<f4")).cast("B")
+        matrix = memoryview(np.ascontiguousarray(table.matrix, dtype="<f4").reshape(-1).view(np.uint8))  # 0 rows too
         body = [META_LENGTH.pack(len(meta)), meta, matrix]
         if self._key is None:
             header = HEADER.pack(MAGIC, FORMAT_VERSION, 0)
@@ -627,31 +621,6 @@ def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
     if (norms < MIN_EMBEDDING_NORM).any():
         raise ValueError("an embedding has length ~0 and no direction: the embedder produced invalid output")
     return np.ascontiguousarray(rows / norms, dtype=np.float32)
-
-
-def _name_key(name: str) -> str:
-    """Names are unique ignoring case and Unicode composition."""
-    return unicodedata.normalize("NFC", name).casefold()
-
-
-def _clean_text(text: str, what: str, max_chars: int) -> str:
-    """`text` without surrounding spaces, NFC-normalised; StoreError if empty, too long or with control characters."""
-    if not isinstance(text, str):
-        raise StoreError(f"{what} must be text, got {type(text).__name__}")
-    cleaned = unicodedata.normalize("NFC", text.strip())
-    if not cleaned or len(cleaned) > max_chars:
-        raise StoreError(f"{what} must be 1 to {max_chars} characters, got {len(cleaned)}: {text!r}")
-    if any(unicodedata.category(char) in FORBIDDEN_CHAR_CATEGORIES for char in cleaned):
-        raise StoreError(f"{what} {text!r} contains control characters or line breaks: use printable text")
-    return cleaned
-
-
-def _clean_name(name: str) -> str:
-    """A valid display name; names shaped like person ids are refused so a reference is never ambiguous."""
-    cleaned = _clean_text(name, "person name", MAX_NAME_CHARS)
-    if ID_PATTERN.fullmatch(cleaned.lower()):
-        raise StoreError(f"person name {name!r} looks like a person id ({2 * ID_BYTES} hex digits): add a word")
-    return cleaned
 
 
 def _signature(stat: os.stat_result) -> tuple[int, int, int]:

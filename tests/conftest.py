@@ -84,6 +84,21 @@ def sigterm_when_ready(child: subprocess.Popen, ready, timeout_s: float) -> tupl
             child.wait()
 
 
+def untrusted_text(max_size: int = 200):
+    """A hypothesis strategy for text a hostile user may type or name a folder: any code point (control, format
+    such as zero-width and bidi overrides, lone surrogates, private use, unassigned, line separators), very long
+    runs, path and markup characters, and the known troublemakers."""
+    from hypothesis import strategies as st
+
+    every_code_point = st.characters(exclude_categories=())
+    return st.one_of(
+        st.text(every_code_point, max_size=max_size),
+        st.text(st.sampled_from("aZ /\\.:<>&\"'%$`*?|;-_~é\u0301\u00a0\u3000\t\n"), min_size=1, max_size=80),
+        st.sampled_from(["AC/DC", "../../etc/passwd", "\u202eamabo", "Obama\u200b", "Ob\u00a0ama", "a\nb", "x" * 65,
+                         "\U0001f600" * 64, "\ud800", "<script>alert(1)</script>", "deadbeef0123", "NUL\x00"]),
+    )
+
+
 @pytest.fixture(scope="session")
 def pair_chips(models_dir, data_dir) -> tuple[list, dict]:
     """pairs/master.csv and, for each of its photos, the chip of its largest face found as `eval-pairs` finds it."""

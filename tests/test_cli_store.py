@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 from conftest import ROOT, cli
 
@@ -153,3 +154,35 @@ def test_identify_with_nobody_enrolled_says_so_and_reports_no_distance(tmp_path)
         "box": None, "name": None, "distance_l2": None, "margin": None}
     assert "nobody is enrolled in" in result.stderr and "closest" not in result.stderr
     assert not (tmp_path / "empty.edgestore").exists(), "identify must not create a store"
+
+
+def test_erasure_follows_the_person_id_through_a_rename_and_the_last_removal_leaves_a_normal_empty_store(tmp_path,
+                                                                                                        models_dir):
+    from edge.audit import AuditLog
+    from edge.config import Config
+    from edge.decide import Decision
+    from edge.embed import store_fingerprint
+    from edge.store import Store
+
+    path, audit_path = tmp_path / "people.edgestore", tmp_path / "audit" / "audit.sqlite"
+    store = Store.open(path, fingerprint=store_fingerprint(Config()))
+    with store.edit():
+        ada = store.add_person("Ada", np.eye(128, dtype=np.float32)[0])
+    log = AuditLog(audit_path, snapshot_dir=audit_path.parent / "snapshots")
+
+    def visit(name: str) -> None:
+        log.record(Decision("unlock", name, 1, 7, 0.3, 0.2, 0.3, 3, 5, (0.0, 0.0, 9.0, 9.0)), door_action="pulse",
+                   snapshot=np.zeros((8, 8, 3), np.uint8), person_id=ada.id)
+
+    visit("Ada")
+    assert cli("people", "rename", "Ada", "Grace", "--store", path).returncode == 0
+    visit("Grace")
+    removed = cli("people", "remove", "Grace", "--store", path, "--audit", audit_path, "--json")
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(removed.stdout)["audit_rows_anonymised"] == 2
+    assert [(r["person"], r["person_id"], r["snapshot"]) for r in log.rows()] == [(None, None, None)] * 2
+    assert list((audit_path.parent / "snapshots").iterdir()) == []
+    log.close()
+    listed = cli("people", "list", "--store", path, "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout)["people"] == []
+    assert "no person 'Grace'" in one_line_error(cli("people", "show", "Grace", "--store", path))

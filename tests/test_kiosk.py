@@ -10,8 +10,10 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -20,15 +22,16 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import sigterm_when_ready, wait_until
+from conftest import sigterm_when_ready, untrusted_text, wait_until
 from gpiozero.pins.mock import MockFactory
+from hypothesis import HealthCheck, given, settings
 
 import edge.kiosk
 from edge.audit import AuditLog
 from edge.camera import open_source
 from edge.config import Config
 from edge.door import GpioDoor, SimulatedDoor
-from edge.errors import CameraError
+from edge.errors import CameraError, StoreError
 from edge.kiosk import Kiosk
 from edge.store import Store
 from edge.types import EmbeddedFace, Face, Frame
@@ -544,3 +547,63 @@ def test_button_press_in_set_up_mode_refuses_duplicates_and_poor_faces(store, co
     [refused] = of(events, "enroll_refused")
     assert refused["reason"] == reason and refused["frame"] == 3
     assert len(Store.open(store.path, fingerprint=store.fingerprint)) == 1
+
+
+# ---- hostile names and failing audit writes (issue 13) ----------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(untrusted_text(120))
+def test_no_enrolled_name_can_crash_the_loop_and_snapshots_are_named_by_id(text):
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        store = Store.open(folder / "store.edgestore", fingerprint="test:fake-pipeline")
+        try:
+            with store.edit():
+                person = store.add_person(text, embedding_of(ALICE)[None, :])
+        except StoreError:
+            return  # refused names are the names tests' business; the loop only ever sees accepted ones
+        audit = AuditLog(folder / "audit" / "audit.sqlite", snapshot_dir=folder / "audit" / "snapshots")
+        kiosk, events = make_kiosk(store, SimulatedDoor(), audit=audit)
+        for frame in frames([ALICE] * 3):
+            kiosk.step(frame)
+        rows = audit.rows()
+        audit.close()
+        [unlock] = events
+        assert (unlock["event"], unlock["person"], unlock["person_id"]) == ("unlock", person.name, person.id)
+        [row] = rows
+        assert (row["person"], row["person_id"]) == (person.name, person.id)
+        snapshot = Path(row["snapshot"])
+        assert snapshot.parent == folder / "audit" / "snapshots" and snapshot.is_file()
+        assert re.fullmatch(rf"\d{{8}}T\d{{12}}-unlock-{person.id}\.jpg", snapshot.name)
+
+
+class FailingAudit:
+    """An audit log whose every write fails the way a full disk, a locked database or a bug would."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def record(self, *args, **kwargs) -> int:
+        raise self.error
+
+
+@pytest.mark.parametrize("broken", ["snapshot folder is a file", "database path is a folder", "write raises"])
+def test_a_failed_audit_write_is_logged_and_the_door_loop_goes_on(store, tmp_path, broken, caplog):
+    if broken == "write raises":
+        audit = FailingAudit(sqlite3.OperationalError("database or disk is full"))
+    else:
+        (tmp_path / "blocker").mkdir() if broken == "database path is a folder" else (tmp_path / "blocker").touch()
+        audit = (AuditLog(tmp_path / "blocker", snapshot_dir=tmp_path / "snaps") if broken != "snapshot folder is a file"
+                 else AuditLog(tmp_path / "audit.sqlite", snapshot_dir=tmp_path / "blocker"))
+    kiosk, events = make_kiosk(store, SimulatedDoor(), audit=audit)
+    for frame in frames([ALICE] * 3 + [NOBODY] * 7 + [CAROL] * 3):
+        kiosk.step(frame)
+    assert [(e["event"], e["person"], e["door"]) for e in events] == [("unlock", "alice", "pulse"),
+                                                                      ("unknown", None, "none")]
+    assert kiosk.door.history[-1][1] == "unlock"
+    if broken == "snapshot folder is a file":  # the row is kept, without the snapshot
+        assert [(r["event"], r["snapshot"]) for r in audit.rows()] == [("unlock", None), ("unknown", None)]
+        assert "audit_snapshot_failed" in caplog.text
+    else:
+        assert caplog.text.count("event=audit_write_failed") == 2
