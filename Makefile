@@ -11,7 +11,7 @@ CONFIG ?= config.yaml
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: help venv dev models test demo bench engine run doctor install uninstall clean
+.PHONY: help venv dev system-tools models test demo bench engine run doctor install uninstall clean
 
 help:
 	@echo "make demo      set up, fetch models, run the pipeline on bundled samples (simulated door)"
@@ -35,10 +35,20 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 venv: $(RUNTIME_STAMP)
 dev: $(DEV_STAMP)
 
+# System tools the sandbox tests use (tests/test_systemd.py): command:package pairs, installed with apt-get where
+# missing and possible; the tests skip, naming the package, where they cannot be.
+SYSTEM_TOOLS := strace:strace systemd-analyze:systemd unshare:util-linux
+system-tools:
+	@missing=$$(for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; }; \
+	else echo "make: missing $$missing (apt-get install as root); the sandbox tests skip without" >&2; fi
+
 models: $(RUNTIME_STAMP)
 	$(PY) -m engines.fetch
 
-test: dev models
+test: dev models system-tools
 	$(PY) -m pytest
 
 demo: models

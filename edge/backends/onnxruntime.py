@@ -1,6 +1,7 @@
 """ONNX Runtime CPU backend (the default on Raspberry Pi and any machine without a matching TensorRT engine)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,10 @@ def cpu_session(onnx_path: Path, threads: int):
     """An ONNX Runtime CPU session for small edge boards. Idle worker threads sleep instead of spinning: with
     spinning, two threads on 2 cores shared with the camera and the other model ran 1.3–2× slower than one;
     without it, two threads were 1.7× faster than one (detector 10.6 → 6.0 ms, 2 chips 5.4 → 3.3 ms)."""
+    # ONNX Runtime's own telemetry (a database in ~/.cache and, seconds later, an upload to
+    # mobile.events.data.microsoft.com) is off: a door controller talks to nobody it was not configured to. The
+    # switch is read when the library loads, hence before the import.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
