@@ -58,6 +58,8 @@ BENCH_DATA ?= ../shared/data
 
 bench: dev models
 	$(PY) -m edge bench $(if $(wildcard $(BENCH_DATA)/pairs),--photos $(BENCH_DATA)/pairs)
+	@echo "one core, one thread (Pi-class figure):"
+	taskset -c 0 $(PY) -m edge bench --threads 1
 	$(PY) bench/kiosk_rss.py --frames 1000
 	$(if $(wildcard $(BENCH_DATA)/pairs/master.csv),$(PY) -m edge bench degrade --pairs $(BENCH_DATA)/pairs/master.csv)
 

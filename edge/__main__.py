@@ -136,6 +136,11 @@ def cmd_bench(args, config: Config) -> int:
         from edge.bench import format_report, run_bench
 
         photos = sorted(p for p in args.photos.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if args.photos else []
+        if args.threads:
+            config = config.model_copy(update={
+                "detector": config.detector.model_copy(update={"threads": args.threads}),
+                "embedder": config.embedder.model_copy(update={"threads": args.threads}),
+            })
         report = run_bench(config, video=args.video, photos=photos, frame_limit=args.frames, reference=not args.no_reference)
         say(format_report(report))
     if args.json:
@@ -503,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photos", type=Path, default=None, help="also time every photo under this folder")
     p.add_argument("--frames", type=positive_int, default=None, help="use only the first N video frames")
     p.add_argument("--no-reference", action="store_true", help="skip face_recognition (it is a dev dependency)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="detector and embedder threads (e.g. 1 under `taskset -c 0` for the one-core Pi-class figure)")
     p.add_argument("--size", type=positive_int, default=100_000, help="bench store: number of synthetic people")
 
     def store_command(name: str, func, help_text: str) -> argparse.ArgumentParser:

@@ -25,6 +25,13 @@ class DetectorConfig(Section):
         "auto", description="detector runtime; auto = ONNX Runtime when the converted .onnx exists (make models), else OpenCV dnn"
     )
     threads: int = Field(2, ge=1, le=64, description="CPU threads for the ONNX Runtime detector (README, Speed)")
+    precision: Literal["int8", "fp32"] = Field(
+        "int8", description="camera frames' ONNX Runtime detector: int8 (quantised by make models; README, Speed) or fp32; photos always fp32"
+    )
+    max_input_aspect: float = Field(
+        1.2, ge=1.0, le=2.0,
+        description="a wide (tall) camera frame reaches the SSD 300 px high (wide), up to 300 × this wide (high); photos 300×300",
+    )
 
 
 class EmbedderConfig(Section):

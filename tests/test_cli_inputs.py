@@ -227,7 +227,7 @@ def test_large_photo_is_detected_small_and_cut_at_full_resolution(large_photo, p
     monkeypatch.setattr(edge.pipeline, "align_chip", spy_align)
     image = load_image(large_photo)
     assert max(image.shape[:2]) >= 4000
-    (face,) = pipeline.analyze(image)
+    (face,) = pipeline.analyze(image, thorough=True)  # as every photo command does
 
     assert [max(shape[:2]) for shape in detector_inputs] == [pipeline.config.detector.max_side_px]
     assert chip_sources == [image.shape]
@@ -266,7 +266,7 @@ def test_small_face_in_a_large_photo_is_found(original, reference, pipeline):
     face = cv2.resize(original, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
     canvas = np.full((3000, 4000, 3), 90, np.uint8)
     canvas[100:100 + face.shape[0], 200:200 + face.shape[1]] = face
-    # At camera-frame speed the SSD sees the whole photo at 300x300 and misses a face this small (4 % of the
+    # At camera-frame speed the SSD sees the whole photo at 360x300 and misses a face this small (4 % of the
     # width); photo commands search again in tiles when nothing was found.
     assert pipeline.locate(canvas) == []
     faces = pipeline.locate(canvas, thorough=True)

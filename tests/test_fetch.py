@@ -1,13 +1,18 @@
 """Model fetching: pinned, verified, offline once done, and tampered files refused with one clear line."""
 from __future__ import annotations
 
+import importlib
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
 from edge.errors import ModelError
 from engines import fetch
+
+CONVERTERS = ("engines.dlib_to_onnx", "engines.sp_to_npz", "engines.ssd_to_onnx", "engines.ssd_int8")
+CONVERTED = tuple(c["file"] for c in fetch.load_pins()["conversions"])
 
 
 @pytest.fixture()
@@ -72,16 +77,11 @@ def test_main_prints_one_line_and_exits_2_on_tampering(models_dir, tmp_path, mon
 
 
 def test_second_run_is_offline_and_converts_nothing(models_dir, monkeypatch, no_network):
-    import engines.dlib_to_onnx
-    import engines.sp_to_npz
-    import engines.ssd_to_onnx
-
     def no_convert(*args):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(engines.dlib_to_onnx, "convert", no_convert)
-    monkeypatch.setattr(engines.sp_to_npz, "convert", no_convert)
-    monkeypatch.setattr(engines.ssd_to_onnx, "convert", no_convert)
+    for module in CONVERTERS:
+        monkeypatch.setattr(importlib.import_module(module), "convert", no_convert)
     start = time.perf_counter()
     manifest = fetch.ensure_models(models_dir)
     elapsed_s = time.perf_counter() - start
@@ -94,6 +94,7 @@ def test_second_run_is_offline_and_converts_nothing(models_dir, monkeypatch, no_
         "dlib_face_recognition_resnet_model_v1.onnx",
         "shape_predictor_5_face_landmarks.npz",
         "res10_300x300_ssd_iter_140000.onnx",
+        "res10_300x300_ssd_iter_140000.int8.onnx",
     }
     print(f"second run: {elapsed_s:.2f} s (hashing only)")
 
@@ -101,8 +102,7 @@ def test_second_run_is_offline_and_converts_nothing(models_dir, monkeypatch, no_
 def test_tampered_converted_model_is_refused(models_dir, tmp_path, no_network):
     for package in fetch.load_pins()["packages"]:
         copy_package_files(package, models_dir, tmp_path)
-    converted = ("dlib_face_recognition_resnet_model_v1.onnx", "shape_predictor_5_face_landmarks.npz", "res10_300x300_ssd_iter_140000.onnx")
-    for name in converted + ("manifest.json",):
+    for name in CONVERTED + ("manifest.json",):
         shutil.copy(models_dir / name, tmp_path / name)
     onnx_file = tmp_path / "dlib_face_recognition_resnet_model_v1.onnx"
     data = bytearray(onnx_file.read_bytes())
@@ -120,15 +120,14 @@ def test_converter_key_covers_the_modules_it_builds_with():
     }
 
 
-def test_a_change_in_a_shared_converter_module_converts_again(models_dir, tmp_path, monkeypatch, no_network):
-    """Editing only engines/onnx_common.py (not the converters) must not leave models made by the old code."""
+def reconverted(models_dir: Path, tmp_path: Path, monkeypatch, changed_file: str) -> list[str]:
+    """The converters `ensure_models` runs again when only `changed_file` (by name) hashes differently."""
     for package in fetch.load_pins()["packages"]:
         copy_package_files(package, models_dir, tmp_path)
-    for name in ("dlib_face_recognition_resnet_model_v1.onnx", "shape_predictor_5_face_landmarks.npz",
-                 "res10_300x300_ssd_iter_140000.onnx", "manifest.json"):
+    for name in CONVERTED + ("manifest.json",):
         shutil.copy(models_dir / name, tmp_path / name)
     real_sha = fetch.sha256_file
-    monkeypatch.setattr(fetch, "sha256_file", lambda p: "0" * 64 if p.name == "onnx_common.py" else real_sha(p))
+    monkeypatch.setattr(fetch, "sha256_file", lambda p: "0" * 64 if p.name == changed_file else real_sha(p))
     converted = []
 
     def record(module):
@@ -138,11 +137,17 @@ def test_a_change_in_a_shared_converter_module_converts_again(models_dir, tmp_pa
 
         return convert
 
-    import engines.dlib_to_onnx
-    import engines.sp_to_npz
-    import engines.ssd_to_onnx
-
-    for module in (engines.dlib_to_onnx, engines.sp_to_npz, engines.ssd_to_onnx):
-        monkeypatch.setattr(module, "convert", record(module.__name__))
+    for module in CONVERTERS:
+        monkeypatch.setattr(importlib.import_module(module), "convert", record(module))
     fetch.ensure_models(tmp_path)
-    assert sorted(converted) == ["engines.dlib_to_onnx", "engines.sp_to_npz", "engines.ssd_to_onnx"]
+    return sorted(converted)
+
+
+def test_a_change_in_a_shared_converter_module_converts_again(models_dir, tmp_path, monkeypatch, no_network):
+    """Editing only engines/onnx_common.py (not the converters) must not leave models made by the old code."""
+    assert reconverted(models_dir, tmp_path, monkeypatch, "onnx_common.py") == sorted(CONVERTERS)
+
+
+def test_a_changed_calibration_photo_quantises_the_detector_again(models_dir, tmp_path, monkeypatch, no_network):
+    """The int8 detector's activation ranges come from the bundled photos: they are part of its up-to-date key."""
+    assert reconverted(models_dir, tmp_path, monkeypatch, "obama2.jpg") == ["engines.ssd_int8"]
