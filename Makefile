@@ -30,6 +30,9 @@ $(RUNTIME_STAMP): requirements.txt
 $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps face_recognition==1.3.0
+	@test -x /usr/sbin/mosquitto || command -v mosquitto >/dev/null || ! command -v apt-get >/dev/null \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null) \
+		|| echo "mosquitto could not be installed: the MQTT broker tests will skip"
 	touch $@
 
 venv: $(RUNTIME_STAMP)

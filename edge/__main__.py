@@ -362,8 +362,12 @@ def cmd_run(args, config: Config) -> int:
     source = open_camera(config, uri)
     door = make_door(config, args.door or config.door.kind)
     emit, close_sink = event_sink(args.events)
-    kiosk = Kiosk(config=config, pipeline=pipeline, store=store, door=door, audit=audit, emit=emit,
-                  press_button_at=set(args.press_button_at or []))
+    bridge = open_mqtt(config, door, audit_path)
+    kiosk = Kiosk(config=config, pipeline=pipeline, store=store, door=door, audit=audit,
+                  emit=emit if bridge is None else bridge.tee(emit), press_button_at=set(args.press_button_at or []))
+    if bridge is not None:
+        bridge.stats = lambda: {"fps": round(kiosk.recent_fps(), 1), "people": len(store)}
+        bridge.start()
     button = attach_button(config, kiosk) if (args.door or config.door.kind) == "gpio" else None
     say(f"run: source {uri}, door {args.door or config.door.kind}, {len(store)} people enrolled, backend {pipeline.embedder.name}")
     started = time.perf_counter()
@@ -373,12 +377,24 @@ def cmd_run(args, config: Config) -> int:
     finally:
         if button is not None:
             button.close()
+        if bridge is not None:
+            bridge.close()
         audit.close()
         close_sink()
     elapsed_s = time.perf_counter() - started
     summary = kiosk.summary(frames, elapsed_s)
     say("run: " + "  ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
+
+
+def open_mqtt(config: Config, door, audit_path: Path):
+    """The MQTT bridge when `mqtt.enabled` (not started yet), with its own audit connection for remote unlocks."""
+    if not config.mqtt.enabled:
+        return None
+    from edge.audit import AuditLog
+    from edge.mqtt import MqttBridge
+
+    return MqttBridge(config.mqtt, door=door, audit=AuditLog(audit_path, retention_days=config.audit.retention_days))
 
 
 def attach_button(config: Config, kiosk):
@@ -409,7 +425,8 @@ def cmd_log(args, config: Config) -> int:
 
     for row in rows:
         when = datetime.fromtimestamp(row["t_unix"]).isoformat(timespec="seconds")
-        say(f"{when}  {row['event']:<8} {row['person'] or '-':<24} distance {row['distance_l2']:.3f}  door {row['door_action']}")
+        distance = "-" if row["distance_l2"] is None else f"{row['distance_l2']:.3f}"  # none for a remote unlock
+        say(f"{when}  {row['event']:<8} {row['person'] or '-':<24} distance {distance}  door {row['door_action']}")
     say(f"{len(rows)} decision(s)")
     if args.json:
         emit_json({"decisions": rows})

@@ -105,6 +105,39 @@ class CameraConfig(Section):
     height: int = Field(480, ge=120, le=4096, description="requested capture height in pixels (live cameras)")
 
 
+class MqttConfig(Section):
+    enabled: bool = Field(False, description="publish to an MQTT broker (Home Assistant discovery, door state, decision events)")
+    host: str = Field("127.0.0.1", min_length=1, description="broker host name or address")
+    port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is the usual TLS port)")
+    tls_ca: Path | None = Field(None, description="CA certificate file; set to connect over TLS")
+    tls_cert: Path | None = Field(None, description="client certificate for TLS client authentication (with tls_key)")
+    tls_key: Path | None = Field(None, description="private key of tls_cert")
+    username: str | None = Field(None, description="broker user name (None = anonymous)")
+    password_file: Path | None = Field(None, description="file holding the broker password (kept out of config.yaml)")
+    client_id: str | None = Field(None, description="MQTT client id and Home Assistant device id (None = edge-access-<hostname>)")
+    base_topic: str = Field("edge-access", min_length=1, description="topics are <base_topic>/<client_id>/…")
+    discovery_prefix: str = Field("homeassistant", min_length=1, description="Home Assistant's discovery prefix")
+    qos: int = Field(1, ge=1, le=2, description="QoS of events and states (1 or 2: the outbox needs the broker's ack)")
+    publish_names: bool = Field(True, description="put recognised people's names in events; false = only 'known'")
+    remote_unlock: bool = Field(False, description="accept UNLOCK on the command topic (with the code; never a retained one)")
+    unlock_code_file: Path | None = Field(None, description="file holding the remote unlock code (needed for remote_unlock)")
+    code_format: str = Field(r"^\d{4,8}$", description="regular expression the code must match (Home Assistant asks for it)")
+    remote_unlock_interval_s: float = Field(10.0, ge=1.0, le=3600.0, description="at most one remote unlock attempt per this time")
+    outbox_path: Path = Field(Path("state/mqtt_outbox.sqlite"), description="events wait here (on disk) while the broker is away")
+    outbox_max_events: int = Field(10000, ge=10, le=1_000_000, description="the outbox keeps this many; the oldest are dropped")
+    keepalive_s: int = Field(30, ge=5, le=600, description="MQTT keepalive; a dead broker is noticed within 1.5 × this")
+    reconnect_max_s: float = Field(30.0, ge=0.5, le=600.0, description="longest wait between reconnection attempts")
+    diagnostics_interval_s: float = Field(60.0, ge=1.0, le=3600.0, description="how often fps, store size and outbox depth are published")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "MqttConfig":
+        if self.remote_unlock and self.unlock_code_file is None:
+            raise ValueError("remote_unlock needs unlock_code_file")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
 class Config(Section):
     models_dir: Path | None = Field(None, description="model folder (default: $EDGE_MODELS_DIR or ./models)")
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="face detector settings")
@@ -116,6 +149,7 @@ class Config(Section):
     audit: AuditConfig = Field(default_factory=AuditConfig, description="decision log")
     door: DoorConfig = Field(default_factory=DoorConfig, description="relay, LED, buzzer and button wiring")
     camera: CameraConfig = Field(default_factory=CameraConfig, description="camera source")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker and Home Assistant discovery")
 
     def resolved_models_dir(self) -> Path:
         from engines.fetch import default_models_dir

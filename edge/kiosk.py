@@ -105,19 +105,19 @@ class Kiosk:
                 latency = {"latency_ms": round(latency_ms, 1), "frames_to_decide": decision.frame - decision.first_frame + 1}
         face, match = next(((f, m) for f, m in zip(faces, self.last_matches) if f.face.box == decision.box), (None, None))
         person_id = match.extra.get("candidate_id") if match is not None and decision.person is not None else None
-        event = self._event(
-            decision.event, frame, person=decision.person, person_id=person_id,
-            distance_l2=round(decision.distance_l2, 4), margin_l2=round(decision.margin_l2, 4), track=decision.track,
-            votes=decision.votes, door=door_action, **latency,
-        )
+        audit = {}
         if self.audit is not None:
             try:
-                self.audit.record(decision, door_action=door_action, snapshot=None if face is None else face.chip,
-                                  person_id=person_id)
+                audit["audit_id"] = self.audit.record(decision, door_action=door_action,
+                                                      snapshot=None if face is None else face.chip, person_id=person_id)
             except Exception as err:  # the log is a record of the door, never a reason to stop it
                 log.error("event=audit_write_failed decision=%s frame=%d error=%s: %s", decision.event, frame.index,
                           type(err).__name__, first_line(err))
-        return event
+        return self._event(
+            decision.event, frame, person=decision.person, person_id=person_id,
+            distance_l2=round(decision.distance_l2, 4), margin_l2=round(decision.margin_l2, 4), track=decision.track,
+            votes=decision.votes, door=door_action, **latency, **audit,
+        )
 
     def _enrolment(self, frame: Frame, faces: list[EmbeddedFace]) -> list[dict]:
         """Button enrolment: after a press (by an admin, or anyone while no admin is configured) watch
@@ -158,6 +158,13 @@ class Kiosk:
             return self._event("enroll_refused", frame, reason=str(err))
         self.door.confirm()
         return self._event("enrolled", frame, person=name)
+
+    def recent_fps(self) -> float:
+        """Frames per second over the last RECENT_FRAMES frames (0.0 before the second frame)."""
+        if len(self._frame_wall) < 2:
+            return 0.0
+        walls = list(self._frame_wall.values())
+        return (len(walls) - 1) / max(walls[-1] - walls[0], 1e-9)
 
     def summary(self, frames: int, elapsed_s: float) -> dict:
         """Loop statistics for the end of a run: fps, events, face-first-visible → relay-on latency."""
