@@ -17,7 +17,7 @@ help:
 	@echo "make demo      set up, fetch models, run the pipeline on bundled samples (simulated door)"
 	@echo "make test      set up with test deps and run the test suite"
 	@echo "make models    fetch + sha256-verify + convert the models (offline once done)"
-	@echo "make bench     per-stage timings vs face_recognition (same run), kiosk RSS over 1000 frames, degradation suite"
+	@echo "make bench     per-stage timings vs face_recognition (same run), kiosk RSS over 1000 frames, MQTT on/off frame time, degradation suite"
 	@echo "make engine    build the TensorRT engine (Jetson / NVIDIA GPU)"
 	@echo "make run       run the door controller with $(CONFIG) on the real camera and GPIO"
 
@@ -64,6 +64,7 @@ bench: dev models
 	@echo "one core, one thread (Pi-class figure):"
 	taskset -c 0 $(PY) -m edge bench --threads 1
 	$(PY) bench/kiosk_rss.py --frames 1000
+	-$(PY) bench/mqtt_frame_time.py
 	$(if $(wildcard $(BENCH_DATA)/pairs/master.csv),$(PY) -m edge bench degrade --pairs $(BENCH_DATA)/pairs/master.csv)
 
 engine: models

@@ -480,6 +480,10 @@ def doctor_checks(config: Config, args):
               ("store", store), ("audit", audit), ("door", door)]
     if not args.no_camera:
         checks.append(("camera", camera))
+    if config.mqtt.enabled:
+        from edge.mqtt import check_broker
+
+        checks.append(("mqtt", lambda: check_broker(config.mqtt)))
     return checks
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from edge import __version__
 from edge.config import MqttConfig
 from edge.decide import Decision
-from edge.errors import ConfigError, first_line
+from edge.errors import ConfigError, EdgeError, first_line
 
 log = logging.getLogger("edge.mqtt")
 
@@ -47,6 +47,7 @@ POLL_S = 0.05
 INFLIGHT_MAX = 20
 SUPPORT_URL = "https://github.com/edge-access/edge-access"
 KNOWN = "known"
+UNREACHABLE = "unreachable"
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def lock_state(door) -> str:
     try:
         return UNLOCKED if door.is_unlocked else LOCKED
     except Exception as err:  # any failure of the output driver: Home Assistant must see it
-        log.error("event=door_output_failed error=%s", first_line(err))
+        log.debug("event=door_output_failed error=%s", first_line(err))
         return JAMMED
 
 
@@ -240,13 +241,49 @@ def read_secret(path: Path, what: str) -> str:
         raise ConfigError(f"mqtt.{what} {path} cannot be read: {err.strerror}") from None
 
 
+def make_client(cfg: MqttConfig, client_id: str):
+    """A paho client with the configured credentials and TLS (not connected)."""
+    import paho.mqtt.client as paho
+
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    if cfg.username:
+        password = read_secret(cfg.password_file, "password_file") if cfg.password_file else None
+        client.username_pw_set(cfg.username, password)
+    if cfg.tls_ca:
+        client.tls_set(ca_certs=str(cfg.tls_ca), certfile=cfg.tls_cert and str(cfg.tls_cert),
+                       keyfile=cfg.tls_key and str(cfg.tls_key))
+    return client
+
+
+def check_broker(cfg: MqttConfig, timeout_s: float = 5.0) -> str:
+    """For `doctor`: connect once with the configured credentials and TLS (under its own client id, so a running
+    controller stays connected); a line saying so, or EdgeError why not."""
+    client = make_client(cfg, f"{device_id(cfg)}-doctor")
+    outcome: list[str] = []
+    client.on_connect = lambda _c, _u, _f, reason_code, _p: outcome.append(str(reason_code))
+    try:
+        client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s)
+    except OSError as err:
+        raise EdgeError(f"broker {cfg.host}:{cfg.port} unreachable: {first_line(err.strerror or err)}") from None
+    client.loop_start()
+    deadline = time.monotonic() + timeout_s
+    while not outcome and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    client.disconnect()
+    client.loop_stop()
+    if not outcome:
+        raise EdgeError(f"broker {cfg.host}:{cfg.port} did not answer within {timeout_s:g} s")
+    if outcome[0] != "Success":
+        raise EdgeError(f"broker {cfg.host}:{cfg.port} refused the connection: {outcome[0]} "
+                        "(check mqtt.username, password_file and TLS settings)")
+    return f"connected to {cfg.host}:{cfg.port} as {cfg.username or 'anonymous'}, topics under {topics_for(cfg).root}/"
+
+
 class MqttBridge:
     """The MQTT client and its worker thread. `start()` returns at once (the broker may be down); `close()`
     publishes `offline`, waits briefly for the outbox to drain and disconnects."""
 
     def __init__(self, cfg: MqttConfig, *, door, audit=None, stats=None) -> None:
-        import paho.mqtt.client as paho
-
         self.cfg, self.door, self.audit = cfg, door, audit
         self.stats = stats or (lambda: {})
         self.topics = topics_for(cfg)
@@ -263,18 +300,13 @@ class MqttBridge:
         self.sent = 0  # rows handed to paho in this process
         self.pending = 0  # rows in the outbox, as the worker last counted
         self._retained: dict[str, str] = {self.topics.camera: ON}
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=device_id(cfg), clean_session=True)
-        if cfg.username:
-            password = read_secret(cfg.password_file, "password_file") if cfg.password_file else None
-            self.client.username_pw_set(cfg.username, password)
-        if cfg.tls_ca:
-            self.client.tls_set(ca_certs=str(cfg.tls_ca), certfile=cfg.tls_cert and str(cfg.tls_cert),
-                                keyfile=cfg.tls_key and str(cfg.tls_key))
+        self.client = make_client(cfg, device_id(cfg))
         self.client.will_set(self.topics.availability, OFFLINE, qos=1, retain=True)
         self.client.max_inflight_messages_set(INFLIGHT_MAX)
         self.client.reconnect_delay_set(min_delay=1, max_delay=math.ceil(cfg.reconnect_max_s))
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
         self._worker = threading.Thread(target=self._work, name="mqtt-outbox", daemon=True)
@@ -297,12 +329,16 @@ class MqttBridge:
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self) -> "MqttBridge":
+        log.info("event=mqtt_start broker=%s:%d root=%s remote_unlock=%s", self.cfg.host, self.cfg.port,
+                 self.topics.root, self.cfg.remote_unlock)
         self._worker.start()
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
-        log.info("event=mqtt_start broker=%s:%d root=%s remote_unlock=%s", self.cfg.host, self.cfg.port,
-                 self.topics.root, self.cfg.remote_unlock)
         return self
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """True once the broker has accepted the connection (False after timeout_s)."""
+        return self._connected.wait(timeout_s)
 
     def close(self, drain_s: float = 2.0) -> None:
         deadline = time.monotonic() + drain_s
@@ -333,6 +369,13 @@ class MqttBridge:
         self._announce.set()  # before _connected: the worker announces first, then publishes changes
         self._connected.set()
         log.info("event=mqtt_connected broker=%s:%d", self.cfg.host, self.cfg.port)
+
+    def _on_connect_fail(self, _client, _userdata) -> None:
+        if self._refused_reason != UNREACHABLE:
+            self._refused_reason = UNREACHABLE
+            log.warning("event=mqtt_unreachable broker=%s:%d (retrying every %g s at most; the door keeps working, "
+                        "events wait in %s)", self.cfg.host, self.cfg.port, self.cfg.reconnect_max_s,
+                        self.cfg.outbox_path)
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _properties) -> None:
         if self._connected.is_set():
@@ -400,6 +443,8 @@ class MqttBridge:
                         outbox.remove(seq)
                 new_state = lock_state(self.door)
                 changed, state = new_state != state, new_state
+                if changed and state == JAMMED:
+                    log.error("event=door_jammed (the relay output cannot be read; Home Assistant shows the lock jammed)")
                 self._retained[self.topics.lock_state] = state
                 if self._connected.is_set():
                     if self._announce.is_set():
@@ -414,6 +459,8 @@ class MqttBridge:
                 self.pending = len(outbox)
                 time.sleep(POLL_S)
             self._take_events(outbox)
+            if self._connected.is_set():  # the run's final numbers
+                self._publish_diagnostics(outbox)
         finally:
             outbox.close()
 

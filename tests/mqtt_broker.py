@@ -43,7 +43,7 @@ class Mosquitto:
     """One broker process; `users` {name: password} turns anonymous access off, `acl` is the ACL file's text."""
 
     def __init__(self, workdir: Path, *, users: dict[str, str] | None = None, acl: str | None = None,
-                 persistence: bool = False) -> None:
+                 persistence: bool = False, tls: tuple[Path, Path, Path] | None = None) -> None:
         require_mosquitto(passwd=bool(users))
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +51,8 @@ class Mosquitto:
         self.host = "127.0.0.1"
         lines = [f"listener {self.port} 127.0.0.1", f"user {getpass.getuser()}",
                  f"allow_anonymous {'false' if users else 'true'}", f"log_dest file {self.dir / 'broker.log'}"]
+        if tls:
+            lines += [f"cafile {tls[0]}", f"certfile {tls[1]}", f"keyfile {tls[2]}"]
         if users:
             passwords = self.dir / "passwords"
             for i, (name, password) in enumerate(users.items()):
@@ -86,3 +88,37 @@ class Mosquitto:
             self.process.send_signal(sig)
             self.process.wait(timeout=START_S)
         self.process = None
+
+
+def make_tls_files(folder: Path, name: str) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, server.pem, server.key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def certificate(subject: str, key, issuer: str, issuer_key, *, ca: bool):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    paths = folder / f"{name}-ca.pem", folder / f"{name}-server.pem", folder / f"{name}-server.key"
+    paths[0].write_bytes(certificate(f"{name} CA", ca_key, f"{name} CA", ca_key, ca=True).public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(certificate("127.0.0.1", server_key, f"{name} CA", ca_key, ca=False)
+                         .public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return paths

@@ -19,15 +19,16 @@ import paho.mqtt.client as paho
 import pytest
 import yaml
 from conftest import cli, wait_until
-from mqtt_broker import Mosquitto
+from mqtt_broker import Mosquitto, make_tls_files
 
 from edge.audit import AuditLog
 from edge.config import MqttConfig
 from edge.decide import Decision
 from edge.door import SimulatedDoor
+from edge.errors import EdgeError
 from edge.mqtt import (
     JAMMED, LOCKED, UNLOCKED, MqttBridge, Outbox, device_id, discovery_messages, event_payload, lock_state,
-    parse_command, topics_for,
+    check_broker, parse_command, topics_for,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,7 +252,7 @@ def test_discovery_availability_and_reannounce_when_home_assistant_comes_online(
 
 
 def test_lock_goes_locked_unlocked_locked_on_the_sample_video_unlock(tmp_path, broker, models_dir):
-    cfg = mqtt_config(tmp_path, broker)
+    cfg = mqtt_config(tmp_path, broker, diagnostics_interval_s=1.0)
     topics = topics_for(cfg)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"door": {"pulse_s": 0.5}, "mqtt": json.loads(cfg.model_dump_json())}))
@@ -269,6 +270,8 @@ def test_lock_goes_locked_unlocked_locked_on_the_sample_video_unlock(tmp_path, b
     assert [(p["id"], p["event_type"]) for p in published] == [(str(r["id"]), r["event"]) for r in rows]
     assert json.loads(watcher.on(topics.last_person)[-1])["person"] == unlocks[0]["person"]
     assert watcher.on(topics.availability)[-1] == "offline"
+    diagnostics = json.loads(watcher.on(topics.diagnostics)[-1])
+    assert diagnostics["fps"] > 0 and diagnostics["people"] == 1 and diagnostics["outbox"] == 0
     watcher.close()
 
 
@@ -286,7 +289,7 @@ def test_broker_killed_mid_run_and_back_10s_later_every_event_once_in_order(tmp_
     audit = AuditLog(tmp_path / "audit.sqlite")
     door = SimulatedDoor(pulse_s=0.1)
     bridge = MqttBridge(cfg, door=door).start()
-    assert wait_until(bridge._connected.is_set)
+    assert bridge.wait_connected(5.0)
     sent: list[tuple[int, str]] = []  # (audit id, phase)
     stalls = []
     phase, started = "before", time.monotonic()
@@ -356,8 +359,8 @@ def test_wrong_password_is_one_clear_line_and_the_loop_goes_on_then_the_right_on
             bridge = MqttBridge(cfg, door=SimulatedDoor()).start()
             ids = []
             for i in range(3):
-                step = time.monotonic()
                 ids.append(audit.record(decision("unknown", None, i), door_action="none"))
+                step = time.monotonic()
                 bridge.publish_event({"event": "unknown", "person": None, "audit_id": ids[-1]})
                 assert time.monotonic() - step < STALL_S
                 time.sleep(1.0)  # the bridge retries every second meanwhile
@@ -367,6 +370,10 @@ def test_wrong_password_is_one_clear_line_and_the_loop_goes_on_then_the_right_on
         assert len(refused) == 1 and refused[0].levelno == logging.ERROR
         assert "Not authorized" in refused[0].getMessage() and "password_file" in refused[0].getMessage()
         assert watcher.on(topics.events) == []
+        with pytest.raises(EdgeError, match="refused the connection: Not authorized .*password_file"):
+            check_broker(cfg)  # what `python -m edge doctor` shows
+        assert check_broker(cfg.model_copy(update={"password_file": right})).startswith(
+            f"connected to 127.0.0.1:{server.port} as door")
         bridge = MqttBridge(cfg.model_copy(update={"password_file": right}), door=SimulatedDoor()).start()
         assert wait_until(lambda: len(watcher.on(topics.events)) == 3, 5.0)
         assert [json.loads(p)["id"] for p in watcher.on(topics.events)] == [str(i) for i in ids]
@@ -432,7 +439,7 @@ def test_remote_unlock_is_refused_while_disabled(tmp_path, broker, caplog):
     with caplog.at_level(logging.INFO, logger="edge.mqtt"):
         bridge = MqttBridge(cfg, door=door).start()
         try:
-            assert wait_until(bridge._connected.is_set)
+            assert bridge.wait_connected(5.0)
             time.sleep(0.2)
             watcher.client.publish(topics_for(cfg).lock_command, "UNLOCK", qos=1)
             assert wait_until(lambda: "reason=disabled" in caplog.text)
@@ -440,3 +447,19 @@ def test_remote_unlock_is_refused_while_disabled(tmp_path, broker, caplog):
             bridge.close()
     assert not door.is_unlocked and not any(action == "unlock" for _, action in door.history)
     watcher.close()
+
+
+def test_tls_with_the_configured_ca_and_a_clear_line_for_a_wrong_one(tmp_path):
+    ca, cert, key = make_tls_files(tmp_path / "tls", "broker")
+    other_ca = make_tls_files(tmp_path / "tls", "other")[0]
+    server = Mosquitto(tmp_path / "broker", tls=(ca, cert, key)).start()
+    try:
+        cfg = mqtt_config(tmp_path, server, tls_ca=ca)
+        assert check_broker(cfg).startswith(f"connected to 127.0.0.1:{server.port} as anonymous")
+        with pytest.raises(EdgeError, match="unreachable: .*certificate verify failed"):
+            check_broker(cfg.model_copy(update={"tls_ca": other_ca}))
+        bridge = MqttBridge(cfg, door=SimulatedDoor()).start()
+        assert bridge.wait_connected(5.0)
+        bridge.close()
+    finally:
+        server.stop()
