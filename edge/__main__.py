@@ -394,7 +394,9 @@ def open_mqtt(config: Config, door, audit_path: Path):
     from edge.audit import AuditLog
     from edge.mqtt import MqttBridge
 
-    return MqttBridge(config.mqtt, door=door, audit=AuditLog(audit_path, retention_days=config.audit.retention_days))
+    cfg = config.mqtt if config.mqtt.outbox_path else config.mqtt.model_copy(
+        update={"outbox_path": audit_path.parent / "mqtt_outbox.sqlite"})
+    return MqttBridge(cfg, door=door, audit=AuditLog(audit_path, retention_days=config.audit.retention_days))
 
 
 def attach_button(config: Config, kiosk):

@@ -123,7 +123,7 @@ class MqttConfig(Section):
     unlock_code_file: Path | None = Field(None, description="file holding the remote unlock code (needed for remote_unlock)")
     code_format: str = Field(r"^\d{4,8}$", description="regular expression the code must match (Home Assistant asks for it)")
     remote_unlock_interval_s: float = Field(10.0, ge=1.0, le=3600.0, description="at most one remote unlock attempt per this time")
-    outbox_path: Path = Field(Path("state/mqtt_outbox.sqlite"), description="events wait here (on disk) while the broker is away")
+    outbox_path: Path | None = Field(None, description="events wait here (on disk) while the broker is away (None = mqtt_outbox.sqlite beside the audit log)")
     outbox_max_events: int = Field(10000, ge=10, le=1_000_000, description="the outbox keeps this many; the oldest are dropped")
     keepalive_s: int = Field(30, ge=5, le=600, description="MQTT keepalive; a dead broker is noticed within 1.5 × this")
     reconnect_max_s: float = Field(30.0, ge=0.5, le=600.0, description="longest wait between reconnection attempts")

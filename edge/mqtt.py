@@ -201,7 +201,7 @@ class Outbox:
         self.dropped = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)  # then the worker's
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(self.SCHEMA)
         except (sqlite3.Error, OSError) as err:
@@ -329,6 +329,10 @@ class MqttBridge:
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
     def start(self) -> "MqttBridge":
+        """Open the outbox (a problem with it is a ConfigError here, not a dead thread later) and connect."""
+        if self.cfg.outbox_path is None:
+            raise ConfigError("mqtt.outbox_path is not set")
+        self._outbox = Outbox(self.cfg.outbox_path, self.cfg.outbox_max_events)
         log.info("event=mqtt_start broker=%s:%d root=%s remote_unlock=%s", self.cfg.host, self.cfg.port,
                  self.topics.root, self.cfg.remote_unlock)
         self._worker.start()
@@ -430,7 +434,7 @@ class MqttBridge:
     # ---- the worker thread -----------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        outbox = Outbox(self.cfg.outbox_path, self.cfg.outbox_max_events)
+        outbox = self._outbox
         handed = 0  # the highest outbox seq handed to paho in this process
         state = None
         next_diagnostics_s = 0.0

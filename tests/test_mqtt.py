@@ -25,7 +25,7 @@ from edge.audit import AuditLog
 from edge.config import MqttConfig
 from edge.decide import Decision
 from edge.door import SimulatedDoor
-from edge.errors import EdgeError
+from edge.errors import ConfigError, EdgeError
 from edge.mqtt import (
     JAMMED, LOCKED, UNLOCKED, MqttBridge, Outbox, device_id, discovery_messages, event_payload, lock_state,
     check_broker, parse_command, topics_for,
@@ -210,6 +210,13 @@ def test_lock_state_follows_the_relay_and_reports_a_failed_output_as_jammed():
     assert lock_state(BrokenOutput()) == JAMMED
 
 
+def test_an_outbox_that_cannot_be_opened_is_one_config_error_at_start(tmp_path):
+    (tmp_path / "file").write_text("")
+    bridge = MqttBridge(mqtt_config(tmp_path, outbox_path=tmp_path / "file" / "outbox.sqlite"), door=SimulatedDoor())
+    with pytest.raises(ConfigError, match=r"mqtt outbox .*/file/outbox.sqlite cannot be opened"):
+        bridge.start()
+
+
 def test_outbox_is_ordered_bounded_on_disk_and_idempotent(tmp_path, caplog):
     path = tmp_path / "outbox.sqlite"
     outbox = Outbox(path, max_events=10)
@@ -252,7 +259,7 @@ def test_discovery_availability_and_reannounce_when_home_assistant_comes_online(
 
 
 def test_lock_goes_locked_unlocked_locked_on_the_sample_video_unlock(tmp_path, broker, models_dir):
-    cfg = mqtt_config(tmp_path, broker, diagnostics_interval_s=1.0)
+    cfg = mqtt_config(tmp_path, broker, diagnostics_interval_s=1.0, outbox_path=None)  # default: beside the audit log
     topics = topics_for(cfg)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"door": {"pulse_s": 0.5}, "mqtt": json.loads(cfg.model_dump_json())}))
@@ -270,6 +277,7 @@ def test_lock_goes_locked_unlocked_locked_on_the_sample_video_unlock(tmp_path, b
     assert [(p["id"], p["event_type"]) for p in published] == [(str(r["id"]), r["event"]) for r in rows]
     assert json.loads(watcher.on(topics.last_person)[-1])["person"] == unlocks[0]["person"]
     assert watcher.on(topics.availability)[-1] == "offline"
+    assert (tmp_path / "mqtt_outbox.sqlite").is_file()
     diagnostics = json.loads(watcher.on(topics.diagnostics)[-1])
     assert diagnostics["fps"] > 0 and diagnostics["people"] == 1 and diagnostics["outbox"] == 0
     watcher.close()
