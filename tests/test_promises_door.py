@@ -1,0 +1,143 @@
+"""The door's promises, pinned where they are made: the exact sequence of relay actions the loop causes (one pulse per
+unlock decision, none for `unknown`, enrolment or anything else) and a locked door on every way out of `Kiosk.run`,
+even with a door whose close() does nothing.
+
+A recording door stands in for the relay so every call is seen in order with the loop's events; the fakes of
+test_kiosk.py stand in for the camera and the models.
+"""
+from __future__ import annotations
+
+import signal
+
+import pytest
+from test_kiosk import (  # noqa: F401  (store: a fixture, alice enrolled)
+    ALICE, CAROL, CRASH, LOST, NOBODY, READ_ERROR, FakeNotifier, FakePipeline, ScriptedSource, frames, store,
+)
+
+from edge.config import Config
+from edge.errors import CameraError
+from edge.kiosk import Kiosk
+
+
+class RecordingDoor:
+    """The door interface; every call goes into `log` (shared with the kiosk's events), `unlocked` is the relay."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        self.unlocked = False
+
+    @property
+    def pulses(self) -> int:
+        return self.log.count("door.unlock")
+
+    def open(self) -> None:
+        self.log.append("door.open")
+
+    def unlock(self, pulse_s: float | None = None) -> None:
+        self.unlocked = True
+        self.log.append("door.unlock")
+
+    def lock(self) -> None:
+        self.unlocked = False
+        self.log.append("door.lock")
+
+    def confirm(self, beeps: int = 1) -> None:
+        self.log.append("door.confirm")
+
+    def close(self) -> None:
+        self.lock()
+        self.log.append("door.close")
+
+
+class CloseDoesNothingDoor(RecordingDoor):
+    """A door driver whose close() forgets to lock: the loop itself must still lock it on the way out."""
+
+    def close(self) -> None:
+        self.log.append("door.close")
+
+
+class FailingAudit:
+    """An audit log whose disk is full: the failure comes right after the relay was pulsed."""
+
+    def record(self, decision, *, door_action: str, snapshot=None) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def kiosk_with(store, door: RecordingDoor, *, config: Config | None = None, audit=None, press_button_at=()) -> Kiosk:
+    def emit(event: dict) -> None:
+        door.log.append(event["event"])
+
+    return Kiosk(config=config or Config(), pipeline=FakePipeline(), store=store, door=door, audit=audit, emit=emit,
+                 press_button_at=set(press_button_at))
+
+
+def test_one_pulse_per_unlock_and_none_for_unknown_or_enrolment(store):
+    """alice unlocks; carol is unknown, is enrolled by the button (set-up mode), then unlocks: two pulses, in place."""
+    log: list[str] = []
+    door = RecordingDoor(log)
+    config = Config.model_validate({"enroll": {"capture_frames": 3}})
+    stream = frames([ALICE] * 4 + [NOBODY] * 7 + [CAROL] * 12)
+    kiosk = kiosk_with(store, door, config=config, press_button_at={15})
+    events = [event for frame in stream for event in kiosk.step(frame)]
+    assert log == ["door.unlock", "unlock", "unknown", "enroll_started", "door.confirm", "enrolled",
+                   "door.unlock", "unlock"]
+    assert [(e["event"], e["person"], e["door"]) for e in events if "door" in e] == [
+        ("unlock", "alice", "pulse"), ("unknown", None, "none"), ("unlock", events[2]["person"], "pulse")]
+    assert door.pulses == 2
+
+
+def test_an_unknown_face_alone_never_touches_the_relay(store):
+    log: list[str] = []
+    kiosk = kiosk_with(store, RecordingDoor(log))
+    events = [event for frame in frames([CAROL] * 30) for event in kiosk.step(frame)]
+    assert [(e["event"], e["door"]) for e in events] == [("unknown", "none")]
+    assert log == ["unknown"]
+
+
+EXITS = {
+    # name: (script after alice's unlock, run() keyword arguments, what run() raises)
+    "source_ended": ([ALICE], {}, None),
+    "max_frames": ([ALICE] * 5, {"max_frames": 4}, None),
+    "pipeline_raises": ([CRASH, ALICE], {}, RuntimeError),
+    "camera_raises": ([READ_ERROR, ALICE], {}, CameraError),
+    "camera_lost": ([LOST], {}, None),
+    "audit_raises": ([ALICE], {"audit": FailingAudit()}, OSError),
+    "sigterm": ([ALICE], {"signal": signal.SIGTERM}, None),
+    "sigint": ([ALICE], {"signal": signal.SIGINT}, None),
+}
+
+
+@pytest.mark.parametrize("door_class", [RecordingDoor, CloseDoesNothingDoor])
+@pytest.mark.parametrize("exit_name", list(EXITS))
+def test_every_way_out_of_the_loop_leaves_the_door_locked(store, door_class, exit_name):
+    tail, options, raises = EXITS[exit_name]
+    options = dict(options)
+    log: list[str] = []
+    door = door_class(log)
+    kiosk = kiosk_with(store, door, audit=options.pop("audit", None))
+    signum = options.pop("signal", None)
+    source = ScriptedSource([ALICE] * 3 + tail)
+    if signum is not None:  # the signal arrives while the pulse runs, as the loop waits for the next frame
+        source.before_read = lambda: signal.raise_signal(signum) if source.index == 3 else None
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    notifier = FakeNotifier()
+    if raises is None:
+        kiosk.run(source, notifier=notifier, **options)
+    else:
+        with pytest.raises(raises):
+            kiosk.run(source, notifier=notifier, **options)
+    assert log[0] == "door.open", "the relay is claimed (locked) before the first frame"
+    assert log.count("door.unlock") == 1, "the pulse was running when the loop had to leave"
+    assert door.unlocked is False
+    assert log[-2:] == ["door.lock", "door.close"], "locked by the loop itself, then released"
+    assert notifier.calls[0] == "ready" and notifier.calls[-1] == "stopping"
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers, "signal handlers restored"
+
+
+def test_camera_loss_locks_before_it_is_reported(store):
+    log: list[str] = []
+    door = CloseDoesNothingDoor(log)
+    kiosk = kiosk_with(store, door)
+    kiosk.run(ScriptedSource([ALICE] * 3 + [LOST, LOST, NOBODY]), notifier=FakeNotifier())
+    assert log == ["door.open", "door.unlock", "unlock", "door.lock", "camera_lost", "camera_ok", "door.lock",
+                   "door.close"]
