@@ -56,18 +56,17 @@ class CloseDoesNothingDoor(RecordingDoor):
         self.log.append("door.close")
 
 
-class FailingAudit:
-    """An audit log whose disk is full: the failure comes right after the relay was pulsed."""
+def kiosk_with(store, door: RecordingDoor, *, config: Config | None = None, press_button_at=(),
+               emit_fails: bool = False) -> Kiosk:
+    """A kiosk whose events go into the door's log; with `emit_fails` the events' reader is gone (broken pipe)
+    right after the first unlock was emitted."""
 
-    def record(self, decision, *, door_action: str, snapshot=None) -> int:
-        raise OSError(28, "No space left on device")
-
-
-def kiosk_with(store, door: RecordingDoor, *, config: Config | None = None, audit=None, press_button_at=()) -> Kiosk:
     def emit(event: dict) -> None:
         door.log.append(event["event"])
+        if emit_fails and event["event"] == "unlock":
+            raise BrokenPipeError(32, "Broken pipe")
 
-    return Kiosk(config=config or Config(), pipeline=FakePipeline(), store=store, door=door, audit=audit, emit=emit,
+    return Kiosk(config=config or Config(), pipeline=FakePipeline(), store=store, door=door, emit=emit,
                  press_button_at=set(press_button_at))
 
 
@@ -101,7 +100,7 @@ EXITS = {
     "pipeline_raises": ([CRASH, ALICE], {}, RuntimeError),
     "camera_raises": ([READ_ERROR, ALICE], {}, CameraError),
     "camera_lost": ([LOST], {}, None),
-    "audit_raises": ([ALICE], {"audit": FailingAudit()}, OSError),
+    "events_reader_gone": ([ALICE], {"emit_fails": True}, BrokenPipeError),
     "sigterm": ([ALICE], {"signal": signal.SIGTERM}, None),
     "sigint": ([ALICE], {"signal": signal.SIGINT}, None),
 }
@@ -114,7 +113,7 @@ def test_every_way_out_of_the_loop_leaves_the_door_locked(store, door_class, exi
     options = dict(options)
     log: list[str] = []
     door = door_class(log)
-    kiosk = kiosk_with(store, door, audit=options.pop("audit", None))
+    kiosk = kiosk_with(store, door, emit_fails=options.pop("emit_fails", False))
     signum = options.pop("signal", None)
     source = ScriptedSource([ALICE] * 3 + tail)
     if signum is not None:  # the signal arrives while the pulse runs, as the loop waits for the next frame
