@@ -352,6 +352,7 @@ class MqttBridge:
         self._worker.join()
         if self._connected.is_set():
             self.client.publish(self.topics.availability, OFFLINE, qos=1, retain=True).wait_for_publish(1.0)
+        self._connected.clear()  # a disconnect of our own is not worth a warning
         self.client.disconnect()
         self.client.loop_stop()
         if self.audit is not None:
