@@ -8,7 +8,7 @@ import pytest
 from test_decide import BOX, OTHER_BOX, known, unknown
 
 from edge.config import DecideConfig
-from edge.decide import Decider, Decision
+from edge.decide import Decider, Decision, iou
 
 SHIFTED = (BOX[0] + 50.0, BOX[1], BOX[2] + 50.0, BOX[3])  # half of BOX's width over: IoU exactly 1/3 with BOX
 
@@ -103,6 +103,35 @@ def test_a_decision_carries_the_current_match_and_the_track():
 
 def test_the_most_voted_person_wins_the_track():
     decider = Decider(settings(votes_needed=2, window_frames=4))
-    sequence = [known("bob"), known("ann"), known("bob"), known("ann")]
+    sequence = [known("ann"), known("bob"), known("ann"), known("bob")]  # most votes, not the last name, wins
     events = [d for frame, match in enumerate(sequence) for d in decider.update([(BOX, match)], frame, frame * 0.1)]
-    assert [(d.person, d.frame) for d in events] == [("bob", 2)]
+    assert [(d.person, d.frame) for d in events] == [("ann", 2)]
+
+
+def test_a_track_reports_its_unknown_once_even_with_no_interval():
+    decider = Decider(settings(unknown_interval_s=0.0))
+    events = [d for frame in range(10) for d in decider.update([(BOX, unknown())], frame, frame * 0.1)]
+    assert events == [Decision("unknown", None, 1, 1, 0.1, 0.9, 0.0, 2, 0, BOX)]
+
+
+def test_iou_of_boxes_apart_vertically_or_without_area():
+    assert iou((0, 0, 10, 10), (0, 20, 10, 30)) == 0.0
+    assert iou((5, 5, 5, 5), (5, 5, 5, 5)) == 0.0, "no area, no overlap (and no division by zero)"
+    assert iou((0, 0, 0.5, 1), (0, 0, 0.5, 1)) == 1.0
+
+
+def frame_tracks(decider: Decider, boxes: list, frame: int) -> dict[int, tuple]:
+    decider.update([(box, unknown()) for box in boxes], frame, frame * 0.1)
+    return {tid: track.box for tid, track in decider.tracks.items()}
+
+
+def test_each_face_continues_at_most_one_track_and_each_track_at_most_one_face():
+    left, right = (0.0, 0.0, 10.0, 10.0), (4.0, 0.0, 14.0, 10.0)
+    moved_right = (9.0, 0.0, 19.0, 10.0)  # IoU 1/3 with `right`, less than `left` has with it
+    decider = Decider(settings(iou_min=0.3))
+    frame_tracks(decider, [left, right], 0)
+    assert frame_tracks(decider, [left, moved_right], 1) == {1: left, 2: moved_right}
+    nudged = (1.0, 0.0, 11.0, 10.0)  # overlaps `left` as much as `left` itself nearly does
+    single = Decider(settings(iou_min=0.3))
+    frame_tracks(single, [left], 0)
+    assert frame_tracks(single, [left, nudged], 1) == {1: left, 2: nudged}, "the second face starts its own track"

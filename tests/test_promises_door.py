@@ -1,20 +1,26 @@
 """The door's promises, pinned where they are made: the exact sequence of relay actions the loop causes (one pulse per
-unlock decision, none for `unknown`, enrolment or anything else) and a locked door on every way out of `Kiosk.run`,
-even with a door whose close() does nothing.
+unlock decision, none for `unknown`, enrolment or anything else), a locked door on every way out of `Kiosk.run`,
+even with a door whose close() does nothing, and the relay driver's own pulse and beeps on mock pins.
 
 A recording door stands in for the relay so every call is seen in order with the loop's events; the fakes of
 test_kiosk.py stand in for the camera and the models.
 """
 from __future__ import annotations
 
+import logging
 import signal
+import threading
+import time
 
 import pytest
+from conftest import wait_until
+from test_door import BUZZER, LED, LONG_PULSE_S, RELAY, SHORT_PULSE_S, FakeClock, factory, make_door  # noqa: F401
 from test_kiosk import (  # noqa: F401  (store: a fixture, alice enrolled)
     ALICE, CAROL, CRASH, LOST, NOBODY, READ_ERROR, FakeNotifier, FakePipeline, ScriptedSource, frames, store,
 )
 
-from edge.config import Config
+from edge.config import Config, DoorConfig
+from edge.door import CONFIRM_BEEP_S, GpioDoor, SimulatedDoor
 from edge.errors import CameraError
 from edge.kiosk import Kiosk
 
@@ -140,3 +146,70 @@ def test_camera_loss_locks_before_it_is_reported(store):
     kiosk.run(ScriptedSource([ALICE] * 3 + [LOST, LOST, NOBODY]), notifier=FakeNotifier())
     assert log == ["door.open", "door.unlock", "unlock", "door.lock", "camera_lost", "camera_ok", "door.lock",
                    "door.close"]
+
+
+# ---- the relay driver itself: one pulse of pulse_s, nothing left running, beeps counted --------------------------
+
+
+def pin_levels(pin) -> list[bool]:
+    return [s.state for s in pin.states]
+
+
+def test_a_pulse_is_one_on_period_of_pulse_s_for_relay_and_led_and_leaves_no_thread(factory):
+    door = make_door(factory, pulse_s=SHORT_PULSE_S, led_pin=LED)
+    door.open()
+    threads_before = threading.active_count()
+    relay, led = factory.pin(RELAY), factory.pin(LED)
+    started = time.monotonic()
+    door.unlock()
+    assert relay.state is True and time.monotonic() - started < SHORT_PULSE_S, "energised at once, without waiting"
+    assert wait_until(lambda: threading.active_count() == threads_before, SHORT_PULSE_S + 0.6), "pulse threads end"
+    time.sleep(SHORT_PULSE_S)  # nothing switches on again
+    for pin in (relay, led):
+        assert pin_levels(pin) == [False, True, False]
+        assert SHORT_PULSE_S * 0.9 <= pin.states[-1].timestamp < SHORT_PULSE_S + 0.5
+    door.close()
+
+
+@pytest.mark.parametrize("beeps", [None, 3])
+def test_confirm_beeps_exactly_as_often_as_asked_and_returns_at_once(factory, beeps):
+    door = make_door(factory, led_pin=LED, buzzer_pin=BUZZER)
+    door.open()
+    buzzer = factory.pin(BUZZER)
+    started = time.monotonic()
+    door.confirm() if beeps is None else door.confirm(beeps=beeps)
+    assert time.monotonic() - started < CONFIRM_BEEP_S, "the door loop never waits for a beep"
+    count = beeps or 1
+    expected = [False] + [True, False] * count
+    assert wait_until(lambda: pin_levels(buzzer) == expected, 2 * count * CONFIRM_BEEP_S + 1.0), pin_levels(buzzer)
+    time.sleep(3 * CONFIRM_BEEP_S)
+    assert pin_levels(buzzer) == expected, "and no more"
+    gaps = [s.timestamp for s in buzzer.states[3::2]]  # how long each pause between two beeps lasted
+    assert all(CONFIRM_BEEP_S * 0.9 <= gap < CONFIRM_BEEP_S + 0.3 for gap in gaps), gaps
+    door.close()
+
+
+def test_door_defaults_agree_with_the_documented_config():
+    assert GpioDoor(relay_pin=RELAY).pulse_s == SimulatedDoor().pulse_s == DoorConfig().pulse_s
+
+
+def test_a_new_simulated_door_is_locked_and_honours_an_explicit_pulse():
+    clock = FakeClock()
+    door = SimulatedDoor(pulse_s=3.0, clock=clock)
+    assert door.is_unlocked is False, "locked before anything was called"
+    door.unlock(pulse_s=10.0)
+    clock.now += 5.0
+    assert door.is_unlocked is True, "the explicit 10 s pulse, not the default 3 s"
+
+
+def test_every_unlock_is_logged_with_its_pulse(factory, caplog):
+    caplog.set_level(logging.INFO, logger="edge.door")
+    door = make_door(factory, pulse_s=LONG_PULSE_S)
+    door.unlock(pulse_s=SHORT_PULSE_S)
+    simulated = SimulatedDoor(pulse_s=3.0, clock=FakeClock())
+    simulated.unlock()
+    simulated.unlock(pulse_s=10.0)
+    door.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "edge.door"] == [
+        f"event=door_unlock pulse_s={SHORT_PULSE_S}", "event=door_unlock simulated=1 pulse_s=3.0",
+        "event=door_unlock simulated=1 pulse_s=10.0"]

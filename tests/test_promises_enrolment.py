@@ -52,6 +52,12 @@ def test_size_gate_at_its_boundary():
     assert problem == f"face too small (80 px wide, need {GATES.min_face_px}): come closer or use a larger photo"
 
 
+def test_sharpness_is_the_variance_of_the_laplacian_of_the_grey_chip():
+    dot = np.zeros_like(SHARP_CHIP)
+    dot[75, 75] = 255  # one white pixel: the Laplacian is -4·255 there and 255 at its 4 neighbours, 0 elsewhere
+    assert sharpness(dot) == pytest.approx(20 * 255**2 / dot[..., 0].size)
+
+
 def test_sharpness_gate_at_its_boundary():
     score = sharpness(SOFT_CHIP)
     assert GATES.min_sharpness < score < sharpness(SHARP_CHIP)
