@@ -6,17 +6,19 @@ PY := $(BIN)/python
 VENV_FLAGS ?=
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
+MUTATE_STAMP := $(VENV)/.mutate-installed
 MODELS_STAMP := models/manifest.json
 CONFIG ?= config.yaml
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: help venv dev system-tools models test demo bench engine run doctor install uninstall clean
+.PHONY: help venv dev system-tools models test demo bench engine run doctor install uninstall clean mutate
 
 help:
 	@echo "make demo      set up, fetch models, run the pipeline on bundled samples (simulated door)"
 	@echo "make test      set up with test deps and run the test suite"
 	@echo "make models    fetch + sha256-verify + convert the models (offline once done)"
+	@echo "make mutate    mutation testing of decide/door/kiosk/store/quality (slow; MUTATE=\"decide door\" for some)"
 	@echo "make bench     per-stage timings vs face_recognition (same run), kiosk RSS over 1000 frames, MQTT on/off frame time, degradation suite"
 	@echo "make engine    build the TensorRT engine (Jetson / NVIDIA GPU)"
 	@echo "make run       run the door controller with $(CONFIG) on the real camera and GPIO"
@@ -66,6 +68,15 @@ bench: dev models
 	$(PY) bench/kiosk_rss.py --frames 1000
 	-$(PY) bench/mqtt_frame_time.py
 	$(if $(wildcard $(BENCH_DATA)/pairs/master.csv),$(PY) -m edge bench degrade --pairs $(BENCH_DATA)/pairs/master.csv)
+
+$(MUTATE_STAMP): $(DEV_STAMP) requirements-mutate.txt
+	$(PY) -m pip install --quiet -r requirements-mutate.txt
+	touch $@
+
+# One module after the other at low priority; results in out/mutate/current/summary.json (README, Development).
+MUTATE ?=
+mutate: $(MUTATE_STAMP) models
+	nice -n 10 $(PY) tools/mutate.py $(MUTATE)
 
 engine: models
 	$(PY) -m edge build-engine

@@ -1,0 +1,147 @@
+"""Mutation testing of the safety-critical modules with mutmut: how many small planted bugs do the tests catch?
+
+    python tools/mutate.py                      every module in MODULES, one after the other
+    python tools/mutate.py decide door          only these
+    python tools/mutate.py --without 'test_promises_*'   the same, leaving some test files out (a "before" run)
+
+Each run works in out/mutate/<label>/ ("current", or "before" with --without), where mutmut copies the project
+afresh into its mutants/ folder. mutmut first records which tests call which function, then runs, per mutant, only
+the tests that reach the mutated function. A mutant counts as caught when a test fails or runs out of time. Prints
+one line per module and keeps out/mutate/<label>/summary.json: per module the commit, the counts and every
+surviving mutant with its diff.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# module -> the test files whose in-process tests exercise it (mutmut narrows these down per function)
+MODULES = {
+    "decide": ["test_decide.py", "test_promises_decide.py", "test_promises_door.py", "test_kiosk.py"],
+    "door": ["test_door.py", "test_promises_door.py", "test_kiosk.py"],
+    "kiosk": ["test_kiosk.py", "test_promises_door.py", "test_promises_enrolment.py"],
+    "store": ["test_store.py", "test_promises_store.py", "test_names.py", "test_kiosk.py"],
+    "quality": ["test_promises_enrolment.py", "test_kiosk.py"],
+}
+# Left out of mutation runs (`make test` runs them): tests that reach the code only through a child process (mutmut's
+# map of which test calls which function cannot see into children, so they would never be chosen for a mutant, only
+# slow down its first run), and the SIGKILL test, too slow (~10 s) to repeat for every mutant of the store's writer.
+DESELECT = [
+    "tests/test_kiosk.py::test_button_press_enrols_the_person_in_view_who_then_unlocks_once",
+    "tests/test_kiosk.py::test_enrolled_person_unlocks_exactly_once_on_a_later_run",
+    "tests/test_kiosk.py::test_video_decisions_are_in_the_audit_log",
+    "tests/test_kiosk.py::test_sigterm_during_pulse_through_the_cli_locks_and_exits_0",
+    "tests/test_door.py::test_sigterm_during_pulse_leaves_relay_off_and_released",
+    "tests/test_promises_enrolment.py::test_cli_enrolment_applies_each_gate",
+    "tests/test_store.py::test_two_writing_processes_lose_nothing",
+    "tests/test_store.py::test_sigkill_during_saves_loses_no_committed_person",
+]
+# What the copied project needs besides edge/ and tests/ (models come through EDGE_MODELS_DIR).
+LINKED = ["edge", "tests", "engines", "samples"]
+CAUGHT = {1, 3, 24, -24, 36, 152, 255}  # mutmut exit codes: a test failed, pytest error, or out of time
+NOT_RUN = {33: "no test reaches it", 34: "skipped", None: "not checked"}
+
+
+def test_files(module: str, without: list[str]) -> list[str]:
+    """The module's test files that exist and are not left out by a --without pattern."""
+    return [f"tests/{name}" for name in MODULES[module]
+            if (ROOT / "tests" / name).exists() and not any(fnmatch.fnmatch(name, p) for p in without)]
+
+
+def prepare(work: Path, modules: list[str], without: list[str]) -> None:
+    """A folder mutmut can run in: links to the project and a pyproject.toml with the [tool.mutmut] table."""
+    shutil.rmtree(work / "mutants", ignore_errors=True)  # mutmut would keep stale copies of unmutated modules
+    work.mkdir(parents=True, exist_ok=True)
+    for name in LINKED:
+        link = work / name
+        if not link.is_symlink():
+            link.symlink_to(ROOT / name)
+    tests = sorted({path for module in modules for path in test_files(module, without)})
+    table = {
+        "source_paths": ["edge"],
+        "only_mutate": [f"edge/{module}.py" for module in modules],
+        "pytest_add_cli_args_test_selection": tests,
+        "pytest_add_cli_args": [arg for test in DESELECT for arg in ("--deselect", test)] + ["-p", "no:cacheprovider"],
+        "also_copy": ["engines", "samples"],
+    }
+    toml = "\n".join(f"{key} = {json.dumps(value)}" for key, value in table.items())
+    (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + f"\n[tool.mutmut]\n{toml}\n")
+
+
+def run_campaign(work: Path, module: str, max_children: int) -> None:
+    env = {**os.environ, "EDGE_MODELS_DIR": str(ROOT / "models"), "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1", "EDGE_SHARED_DATA": str(ROOT.parent / "shared" / "data")}
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), f"edge.{module}.*"]
+    subprocess.run(command, cwd=work, env=env, check=True)
+
+
+def results(work: Path, module: str) -> dict:
+    """Caught/survived counts of one module from mutmut's meta file, with the survivors' names and diffs."""
+    meta = json.loads((work / "mutants" / "edge" / f"{module}.py.meta").read_text())
+    codes = meta["exit_code_by_key"]
+    caught = sum(code in CAUGHT for code in codes.values())
+    survivors = sorted(name for name, code in codes.items() if code not in CAUGHT)
+    checked = sum(code not in (34, None) for code in codes.values())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "commit": commit.stdout.strip(), "mutants": len(codes), "caught": caught, "survived": len(survivors),
+        "kill_rate": round(caught / checked, 4) if checked else None,
+        "survivors": {name: {"status": NOT_RUN.get(codes[name], "survived"), "diff": diff}
+                      for name, diff in diffs(work, module, survivors).items()},
+    }
+
+
+# mutmut's own diff of each mutant against the original function, all in one process (pinned mutmut 3.8.1)
+DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+path, names = sys.argv[1], sys.argv[2:]
+print(json.dumps({name: get_diff_for_mutant(name, path=path) for name in names}))
+"""
+
+
+def diffs(work: Path, module: str, mutants: list[str]) -> dict[str, str]:
+    shown = subprocess.run([sys.executable, "-c", DIFFS, f"edge/{module}.py", *mutants], cwd=work, check=True,
+                           capture_output=True, text=True)
+    return {name: "\n".join(line for line in text.splitlines() if re.match(r"[-+@]", line) and line[:3] not in
+                             ("---", "+++")) for name, text in json.loads(shown.stdout).items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", metavar="MODULE", help=f"modules to mutate (default: all of {', '.join(MODULES)})")
+    parser.add_argument("--without", action="append", default=[], metavar="PATTERN",
+                        help="leave out test files matching this pattern (e.g. 'test_promises_*' for a before run)")
+    parser.add_argument("--label", default=None, help="folder under out/mutate (default: 'current', 'before' with --without)")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    args = parser.parse_args(argv)
+    modules = args.modules or list(MODULES)
+    unknown = sorted(set(modules) - set(MODULES))
+    if unknown:
+        parser.error(f"unknown module(s) {', '.join(unknown)}: choose from {', '.join(MODULES)}")
+    work = ROOT / "out" / "mutate" / (args.label or ("before" if args.without else "current"))
+    prepare(work, list(MODULES), args.without)
+    summary_path = work / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    for module in modules:
+        run_campaign(work, module, args.max_children)
+        summary[module] = results(work, module)
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{'module':<10}{'mutants':>9}{'caught':>8}{'survived':>10}{'kill rate':>11}")
+    for module, row in summary.items():
+        rate = "-" if row["kill_rate"] is None else f"{row['kill_rate']:.1%}"
+        print(f"{module:<10}{row['mutants']:>9}{row['caught']:>8}{row['survived']:>10}{rate:>11}")
+    print(f"survivors and their diffs: {summary_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
