@@ -163,7 +163,7 @@ def test_a_pulse_is_one_on_period_of_pulse_s_for_relay_and_led_and_leaves_no_thr
     started = time.monotonic()
     door.unlock()
     assert relay.state is True and time.monotonic() - started < SHORT_PULSE_S, "energised at once, without waiting"
-    assert wait_until(lambda: threading.active_count() == threads_before, SHORT_PULSE_S + 0.6), "pulse threads end"
+    assert wait_until(lambda: threading.active_count() <= threads_before, SHORT_PULSE_S + 0.6), "pulse threads end"
     time.sleep(SHORT_PULSE_S)  # nothing switches on again
     for pin in (relay, led):
         assert pin_levels(pin) == [False, True, False]
