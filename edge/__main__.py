@@ -36,7 +36,7 @@ def faces_in(pipeline, path: Path):
     """Embedded faces of one image file, raising InputError when there is none."""
     from edge.images import load_image
 
-    faces = pipeline.analyze(load_image(path), thorough=True)
+    faces = pipeline.analyze(load_image(path, max_megapixels=pipeline.config.images.max_megapixels), thorough=True)
     if not faces:
         raise InputError(f"{path}: no face found")
     return faces

@@ -138,6 +138,13 @@ class MqttConfig(Section):
         return self
 
 
+class ImagesConfig(Section):
+    max_megapixels: float = Field(
+        50.0, ge=0.1, le=170.0,
+        description="photos given to enroll, verify, identify and eval larger than this are refused before decoding",
+    )
+
+
 class Config(Section):
     models_dir: Path | None = Field(None, description="model folder (default: $EDGE_MODELS_DIR or ./models)")
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="face detector settings")
@@ -150,6 +157,7 @@ class Config(Section):
     door: DoorConfig = Field(default_factory=DoorConfig, description="relay, LED, buzzer and button wiring")
     camera: CameraConfig = Field(default_factory=CameraConfig, description="camera source")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker and Home Assistant discovery")
+    images: ImagesConfig = Field(default_factory=ImagesConfig, description="limits on photos read from files")
 
     def resolved_models_dir(self) -> Path:
         from engines.fetch import default_models_dir

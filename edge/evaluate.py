@@ -256,7 +256,7 @@ def largest_face(pipeline, path: Path):
     (thorough); None when there is no face."""
     from edge.images import load_image
 
-    faces = pipeline.analyze(load_image(path), thorough=True)
+    faces = pipeline.analyze(load_image(path, max_megapixels=pipeline.config.images.max_megapixels), thorough=True)
     return max(faces, key=lambda f: f.face.area_px) if faces else None
 
 

@@ -186,3 +186,21 @@ def test_erasure_follows_the_person_id_through_a_rename_and_the_last_removal_lea
     listed = cli("people", "list", "--store", path, "--json")
     assert listed.returncode == 0 and json.loads(listed.stdout)["people"] == []
     assert "no person 'Grace'" in one_line_error(cli("people", "show", "Grace", "--store", path))
+
+
+def test_a_batch_enrols_everyone_it_can_and_ends_with_a_summary_of_the_failures(tmp_path, models_dir):
+    from test_images import png_declaring
+
+    folder = tmp_path / "people"
+    for name in ("obama", "biden"):
+        shutil.copytree(PEOPLE / name, folder / name)
+    (folder / "bomb").mkdir()
+    (folder / "bomb" / "huge.png").write_bytes(png_declaring(100_000, 100_000))
+    shutil.copytree(PEOPLE / "kit_harington", folder / "kit\u200bharington")
+    result = cli("enroll", "--from-dir", folder, "--store", tmp_path / "s.edgestore", "--json")
+    assert result.returncode == 2, result.stderr
+    assert sorted(p["name"] for p in json.loads(result.stdout)["enrolled"]) == ["biden", "obama"]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "error: 2 of 4 people not enrolled: 'bomb', 'kit\\u200bharington' (reasons above)", result.stderr
+    assert "huge.png: its header declares over 179 megapixels, above the limit of 50 megapixels" in result.stderr
+    assert "Traceback" not in result.stderr and "libpng" not in result.stderr
