@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from edge.config import Config, load_config
-from edge.console import emit_json, positive_int, say
+from edge.console import OneLineUsageParser, emit_json, positive_int, say
 from edge.errors import EdgeError, InputError, StoreError, first_line
 from edge.images import IMAGE_SUFFIXES, photos_by_person
 from edge.names import clean_name, shown
+from edge.redact import RedactingFormatter, redact
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = PROJECT_ROOT / "samples"
@@ -209,6 +210,8 @@ def enrol_person(pipeline, store, name: str, paths: list[Path], config: Config, 
 
 
 def cmd_enroll(args, config: Config) -> int:
+    if args.name is not None:
+        clean_name(args.name)  # a refused name costs no model loading
     pipeline = load_pipeline(config)
     store = open_store(config, args, pipeline.embedder.fingerprint)
     if args.from_dir:
@@ -242,9 +245,15 @@ def person_dict(person) -> dict:
             "templates": person.embedding_count}
 
 
+PEOPLE_ARGUMENTS = {"list": "people list", "show": "people show PERSON", "rename": "people rename PERSON NEW_NAME",
+                    "remove": "people remove PERSON"}
+
+
 def cmd_people(args, config: Config) -> int:
-    if args.action != "list" and not args.person:
-        raise InputError(f"people {args.action} needs PERSON (a name or an id; see `python -m edge people list`)")
+    arguments = [a for a in (args.person, args.new_name) if a is not None]
+    if len(arguments) != len(PEOPLE_ARGUMENTS[args.action].split()) - 2:
+        raise InputError(f"usage: python -m edge {PEOPLE_ARGUMENTS[args.action]} (PERSON: a name or an id from "
+                         "`python -m edge people list`)")
     store = open_store(config, args)
     if args.action == "list":
         people = [person_dict(p) for p in store.persons]
@@ -256,8 +265,6 @@ def cmd_people(args, config: Config) -> int:
         result = person_dict(store.find(args.person))
         say("  ".join(f"{k}: {v}" for k, v in result.items()))
     elif args.action == "rename":
-        if not args.new_name:
-            raise InputError("people rename needs PERSON and NEW_NAME")
         with store.edit():
             result = person_dict(store.rename(args.person, args.new_name))
         say(f"renamed to {result['name']}")
@@ -327,13 +334,18 @@ def make_door(config: Config, kind: str):
 
 
 def event_sink(target: str | None):
-    """JSON lines to stdout ('-') or appended to a file; None → no sink. Returns (emit, close)."""
+    """JSON lines to stdout ('-') or appended to a private (0600) file; None → no sink. Returns (emit, close)."""
+    from edge.private import open_private
+
     if target is None:
         return (lambda event: None), (lambda: None)
-    stream = sys.stdout if target == "-" else open(target, "a", buffering=1)
+    try:
+        stream = sys.stdout if target == "-" else open_private(target, "a", buffering=1)
+    except OSError as err:
+        raise InputError(f"--events {target}: cannot be written ({err.strerror or err})") from None
 
     def emit(event: dict) -> None:
-        stream.write(json.dumps(event) + "\n")
+        stream.write(redact(json.dumps(event)) + "\n")
         stream.flush()
 
     return emit, (lambda: None) if stream is sys.stdout else stream.close
@@ -348,7 +360,18 @@ def open_camera(config: Config, uri: str):
 
 
 def cmd_run(args, config: Config) -> int:
-    """The door controller loop; a file source runs to its end and exits 0."""
+    """The door controller loop; a file source runs to its end and exits 0, as does a stop by SIGTERM/SIGINT."""
+    from edge.kiosk import StopRequest
+
+    stop = StopRequest().install()  # from here on a signal asks to stop and never interrupts anything
+    try:
+        return run_door_loop(args, config, stop)
+    finally:
+        stop.ignore()
+
+
+def run_door_loop(args, config: Config, stop) -> int:
+    """Load, open and loop (see cmd_run); `stop` is the installed StopRequest the loop watches."""
     from edge.audit import AuditLog
     from edge.kiosk import Kiosk
 
@@ -373,7 +396,7 @@ def cmd_run(args, config: Config) -> int:
     started = time.perf_counter()
     try:
         with source:
-            frames = kiosk.run(source)
+            frames = kiosk.run(source, stop=stop)
     finally:
         if button is not None:
             button.close()
@@ -505,7 +528,7 @@ def cmd_doctor(args, config: Config) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m edge", description="Face-recognition door controller")
+    parser = OneLineUsageParser(prog="python -m edge", description="Face-recognition door controller")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -548,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="enrol even if the face matches another person")
     p.add_argument("--note", default=None, help="free text kept with the person")
     p = store_command("people", cmd_people, "list, show, rename or remove enrolled people")
-    p.add_argument("action", choices=("list", "show", "rename", "remove"))
+    p.add_argument("action", choices=tuple(PEOPLE_ARGUMENTS))
     p.add_argument("person", nargs="?", metavar="PERSON", help="name or id")
     p.add_argument("new_name", nargs="?", metavar="NEW_NAME")
     p.add_argument("--audit", type=Path, default=None, help="remove: audit log to anonymise (default: audit.path)")
@@ -589,7 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         return build_engine(argv[1:])
     args = build_parser().parse_args(argv)
     quiet = logging.INFO if args.command == "run" else logging.WARNING
-    logging.basicConfig(level=logging.DEBUG if args.verbose else quiet, format="%(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else quiet, handlers=[handler])
     try:
         config = load_config(args.config)
         return args.func(args, config)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sqlite3
 import time
@@ -13,6 +12,7 @@ import cv2
 import numpy as np
 
 from edge.errors import InputError, StoreError, first_line
+from edge.private import open_private, private_dir
 
 log = logging.getLogger("edge.audit")
 
@@ -39,8 +39,6 @@ ADD_PERSON_ID = "ALTER TABLE decisions ADD COLUMN person_id TEXT"
 PERSON_ID_INDEX = "CREATE INDEX IF NOT EXISTS decisions_person_id ON decisions (person_id)"
 COLUMNS = ("id", "t_unix", "event", "person", "track", "frame", "distance_l2", "margin_l2", "votes", "door_action", "snapshot",
            "person_id")
-FILE_MODE = 0o600
-DIR_MODE = 0o700
 JPEG_SUFFIX = ".jpg"
 
 
@@ -62,8 +60,7 @@ class AuditLog:
         if self._db is None:
             try:
                 private_dir(self.path.parent)
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE))  # private before SQLite writes a byte
-                os.chmod(self.path, FILE_MODE)
+                open_private(self.path, "ab").close()  # private before SQLite writes a byte
                 db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 db.executescript(SCHEMA)
                 if "person_id" not in {row[1] for row in db.execute("PRAGMA table_info(decisions)")}:
@@ -106,7 +103,7 @@ class AuditLog:
         private_dir(self.snapshot_dir)
         stamp = datetime.fromtimestamp(t_unix, timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         path = self.snapshot_dir / f"{stamp}-{event}-{person_id or 'unknown'}{JPEG_SUFFIX}"
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as file:
+        with open_private(path, "wb") as file:
             file.write(encoded.tobytes())
         return str(path)
 
@@ -146,14 +143,6 @@ class AuditLog:
         if self._db is not None:
             self._db.close()
             self._db = None
-
-
-def private_dir(path: Path) -> None:
-    """Create `path` and its missing parents as 0700 whatever the umask; existing folders are left as they are."""
-    for folder in reversed([path, *path.parents]):
-        if not folder.is_dir():
-            folder.mkdir(mode=DIR_MODE, exist_ok=True)
-            os.chmod(folder, DIR_MODE)
 
 
 def parse_since(text: str, now_unix: float | None = None) -> float:

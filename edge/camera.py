@@ -30,6 +30,7 @@ import numpy as np
 
 from edge.errors import CameraError, InputError
 from edge.images import IMAGE_SUFFIXES, load_image, opencv_quiet
+from edge.redact import redact
 from edge.types import Frame
 
 log = logging.getLogger(__name__)
@@ -115,15 +116,6 @@ def backoff_delays_s(max_backoff_s: float = DEFAULT_MAX_BACKOFF_S) -> Iterator[f
     while True:
         yield min(delay_s, max_backoff_s)
         delay_s *= BACKOFF_FACTOR
-
-
-def redact(uri: str) -> str:
-    """The URI with any password replaced by ***, for logs and error messages."""
-    scheme, sep, rest = uri.partition("://")
-    userinfo, at, host = rest.partition("@")
-    if not sep or not at or ":" not in userinfo:
-        return uri
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 class Source(ABC):

@@ -7,7 +7,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, first_line
 
 
 class Section(BaseModel):
@@ -173,21 +173,51 @@ def _describe(err: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error instead of the last one winning
+    silently (a second `match:` section would quietly replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: Path | str | None = None) -> Config:
     """Config from a YAML file (None → all defaults); any problem is one ConfigError line naming the key."""
     if path is None:
         return Config()
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
     except OSError as err:
         raise ConfigError(f"config file {path} cannot be read: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start}): "
+                          "save it as UTF-8") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {path} is not UTF-8 text (it holds NUL bytes, as UTF-16 does): save it as UTF-8")
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {first_line(getattr(err, 'problem', None) or err)}"
+                          ) from None
+    except (ValueError, OverflowError, RecursionError) as err:  # e.g. a date like 2026-13-45 that YAML cannot hold
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must be a mapping of sections")
     try:

@@ -5,15 +5,18 @@ import argparse
 import json
 import sys
 
+from edge.errors import first_line
+from edge.redact import redact
+
 
 def say(message: str) -> None:
-    """Human-facing text goes to stderr so stdout stays a clean JSON document."""
-    print(message, file=sys.stderr)
+    """Human-facing text goes to stderr so stdout stays a clean JSON document; passwords in URIs are masked."""
+    print(redact(message), file=sys.stderr)
 
 
 def emit_json(document: object) -> None:
-    """The one JSON document a `--json` command prints."""
-    print(json.dumps(document, indent=2))
+    """The one JSON document a `--json` command prints (passwords in URIs masked)."""
+    print(redact(json.dumps(document, indent=2)))
 
 
 def positive_int(text: str) -> int:
@@ -25,3 +28,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+class OneLineUsageParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error: what is wrong and where to read more
+    (sub-commands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, redact(f"error: {self.prog}: {first_line(message)} (see `{self.prog} --help`)") + "\n")

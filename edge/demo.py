@@ -22,6 +22,7 @@ from edge.config import Config
 from edge.console import say
 from edge.door import SimulatedDoor
 from edge.kiosk import Kiosk
+from edge.private import private_dir
 
 BUTTON_FRAME = 40
 SHEET_EVERY_FRAMES = 8
@@ -79,7 +80,7 @@ def run_demo(config: Config, *, samples: Path, out_dir: Path, verify_pair, enrol
     """Returns 0 when every step gave the expected answer."""
     from edge.pipeline import Pipeline
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)  # it will hold a store, faces and events
     pipeline = Pipeline(config)
     ok = True
     say("demo 1/5 verify bundled photos")

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import io
-import os
 import struct
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +13,7 @@ import cv2
 import numpy as np
 
 from edge.errors import InputError
+from edge.quiet import stderr_muted
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The IEND chunk (zero length, fixed CRC) closes every complete PNG; without it libpng fails noisily on stderr.
@@ -110,23 +109,6 @@ def decode_quietly(data: bytes) -> np.ndarray | None:
             return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         except cv2.error:  # OpenCV's own checks (e.g. a side above 2^20 pixels) on a header it cannot use
             return None
-
-
-@contextmanager
-def stderr_muted() -> Iterator[None]:
-    """File descriptor 2 points at /dev/null inside the block: libjpeg and libpng print warnings ("Corrupt JPEG
-    data", "libpng warning: …") straight to it, past any Python-level setting. Keep the block short: other
-    threads' stderr is muted too while it runs."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 @contextmanager

@@ -27,8 +27,40 @@ STORE_CHECK_S = 1.0
 RECENT_FRAMES = 256
 
 
-class Stop(Exception):
-    """Raised by the signal handler to leave the loop through the fail-secure path."""
+class StopRequest:
+    """SIGTERM and SIGINT ask the door loop to stop. The handler only records the first signal and never raises, so
+    however many signals come, in whatever order and at whatever moment, none can interrupt driving the door locked
+    and releasing it (a raised exception could land inside `door.lock()` or skip `door.close()`)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+    def install(self) -> StopRequest:
+        """Handle SIGTERM/SIGINT from now on (main thread only); `restore` puts the previous handlers back."""
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def ignore(self) -> None:
+        """Ignore SIGTERM/SIGINT from now on, for a process on its way out: while Python shuts down it puts its own
+        handlers back to the defaults, and a late signal would then kill it mid-exit with a traceback or status -15."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
 
 
 class Kiosk:
@@ -175,19 +207,27 @@ class Kiosk:
             result["latency_ms_max"] = round(max(self.latencies_ms), 1)
         return result
 
-    def run(self, source, *, notifier: Notifier | None = None, max_frames: int | None = None) -> int:
-        """Loop until the source ends (file) or a signal arrives; always leaves the door locked. Returns frames processed."""
+    def run(self, source, *, notifier: Notifier | None = None, max_frames: int | None = None,
+            stop: StopRequest | None = None) -> int:
+        """Loop until the source ends (file) or a signal arrives; always leaves the door locked. Returns frames processed.
+
+        Signals are watched through `stop` (the CLI installs one before loading models and keeps it to the end of the
+        process); without one, the loop installs its own for SIGTERM/SIGINT and restores the old handlers on exit.
+        """
         notifier = notifier or Notifier()
-        previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        own_stop = stop is None
+        stop = StopRequest().install() if stop is None else stop
         processed = 0
         lost = False
         last = Frame(image=None, index=-1, t_s=0.0)  # the latest frame, to place camera_lost in time
         try:
             self.door.open()
             notifier.ready()
-            while max_frames is None or processed < max_frames:
+            while not stop.requested and (max_frames is None or processed < max_frames):
                 notifier.watchdog()
                 frame = source.read()
+                if stop.requested:
+                    break
                 if frame is None:
                     status = getattr(source, "status", "ended")
                     if status == "ended":
@@ -203,16 +243,12 @@ class Kiosk:
                 self.step(frame)
                 processed += 1
                 last = frame
-        except Stop:
-            log.info("event=stopping reason=signal")
+            if stop.requested:
+                log.info("event=stopping reason=signal signal=%s", stop.reason)
         finally:
             self.door.lock()
             self.door.close()
             notifier.stopping()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            if own_stop:
+                stop.restore()
         return processed
-
-
-def _raise_stop(signum, _frame) -> None:
-    raise Stop(signal.Signals(signum).name)

@@ -45,6 +45,7 @@ import numpy as np
 
 from edge.errors import StoreError
 from edge.names import ID_HEX_DIGITS, MAX_NOTE_CHARS, clean_name, clean_text, name_key, shown
+from edge.private import private_dir
 from edge.types import Match
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 GCM_TAG_BYTES = 16
 FILE_MODE = 0o600
-DIR_MODE = 0o700
+GROUP_OTHER_BITS = 0o077
 TEMP_SUFFIX = ".tmp"
 BACKUP_SUFFIX = ".bak"
 LOCK_SUFFIX = ".lock"
@@ -489,7 +490,7 @@ class Store:
         """Hold an exclusive flock on `<store>.lock` (kept, never deleted: deleting lock files races)."""
         lock_path = self.path.with_name(self.path.name + LOCK_SUFFIX)
         try:
-            self.path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            private_dir(self.path.parent)
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as err:
             raise StoreError(f"cannot lock store {self.path} ({lock_path}): {err.strerror or err}; check that its "
@@ -532,8 +533,10 @@ def _read_key(path: Path) -> bytes:
     if len(key) != KEY_BYTES:
         raise StoreError(f"key file {path} holds {len(key)} bytes, expected {KEY_BYTES} random bytes: "
                          "create one with edge.store.generate_key")
-    if path.stat().st_mode & 0o077:
-        log.warning("store_key_readable_by_others path=%s fix='chmod 600 %s'", path, path)
+    mode = path.stat().st_mode & 0o777
+    if mode & GROUP_OTHER_BITS:  # refused, as ssh refuses a private key that others may read, not merely warned
+        raise StoreError(f"key file {path} has mode {mode:04o}: group or others may use it; make it private with "
+                         f"`chmod 600 {path}`")
     return key
 
 

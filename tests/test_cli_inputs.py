@@ -407,8 +407,8 @@ def test_unreadable_file_is_one_line_and_exit_2(tmp_path, models_dir):
 def test_counts_below_one_are_a_usage_error_not_a_crash(args):
     result = cli(*args)
     assert result.returncode == 2 and result.stdout == ""
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("python -m edge ") and ("must be at least 1" in last or "must be a whole number" in last)
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: python -m edge ") and ("must be at least 1" in line or "must be a whole number" in line)
     assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
 
 
@@ -424,3 +424,12 @@ def test_an_internal_error_is_one_line_and_exit_3(monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert out == "" and err.strip().splitlines() == [
         "error: unexpected RuntimeError: first line of the bug (run with -v for details)"]
+
+
+def test_a_service_user_without_a_writable_home_sees_only_our_line(models_dir):
+    """ONNX Runtime tries to keep a telemetry id under $HOME/.cache and says so on stderr when it cannot."""
+    unwritable = {"HOME": "/proc/version", "XDG_CACHE_HOME": "/proc/version/cache"}  # not even root can write there
+    result = cli("verify", OBAMA, OBAMA2, env=unwritable)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("same person: distance ")

@@ -1,6 +1,8 @@
 """Enrolment, identification and people management through the real CLI, and its store errors (issue 5)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -8,7 +10,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import ROOT, cli
+from conftest import ROOT, cli, untrusted_text
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 PEOPLE = ROOT / "samples" / "people"  # the same five people as ../shared/data/people/train, bundled
 SAMPLES = ROOT / "samples" / "photos"
@@ -204,3 +208,32 @@ def test_a_batch_enrols_everyone_it_can_and_ends_with_a_summary_of_the_failures(
     assert last == "error: 2 of 4 people not enrolled: 'bomb', 'kit\\u200bharington' (reasons above)", result.stderr
     assert "huge.png: its header declares over 179 megapixels, above the limit of 50 megapixels" in result.stderr
     assert "Traceback" not in result.stderr and "libpng" not in result.stderr
+
+
+PEOPLE_WORDS = ["list", "show", "rename", "remove", "frobnicate", "--json", "-x", "Ada", "ADA", "Grace", ""]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.one_of(st.sampled_from(PEOPLE_WORDS), untrusted_text(40)), max_size=4))
+def test_people_with_any_arguments_is_done_or_one_line_never_an_internal_error(words, tmp_path_factory, models_dir):
+    from edge.__main__ import main
+    from edge.config import Config
+    from edge.embed import store_fingerprint
+    from edge.store import Store
+
+    folder = tmp_path_factory.mktemp("people")
+    store = Store.open(folder / "people.edgestore", fingerprint=store_fingerprint(Config()))
+    with store.edit():
+        store.add_person("Ada", np.eye(128, dtype=np.float32)[0])
+        store.add_person("Grace", np.eye(128, dtype=np.float32)[1])
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = main(["people", *words, "--store", str(folder / "people.edgestore"), "--audit",
+                         str(folder / "audit.sqlite")])
+        except SystemExit as exit_:  # argparse's usage error
+            code = exit_.code
+    lines = stderr.getvalue().strip().splitlines()
+    assert code in (0, 2), stderr.getvalue()
+    if code == 2:
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines

@@ -25,6 +25,7 @@ import pytest
 from conftest import sigterm_when_ready, untrusted_text, wait_until
 from gpiozero.pins.mock import MockFactory
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import edge.kiosk
 from edge.audit import AuditLog
@@ -607,3 +608,61 @@ def test_a_failed_audit_write_is_logged_and_the_door_loop_goes_on(store, tmp_pat
         assert "audit_snapshot_failed" in caplog.text
     else:
         assert caplog.text.count("event=audit_write_failed") == 2
+
+
+# ---- any number of signals, in any order, at any moment (issue 13) ---------------------------------------------
+
+# The real CLI with `--door gpio` on mock pins, the relay's lock() and close() recorded; prints what happened.
+CLI_RECORDING_DOOR = textwrap.dedent(
+    """
+    import json, sys
+    from gpiozero import Device
+    import edge.door
+    from edge.__main__ import main
+
+    calls = []
+    for name in ("lock", "close"):
+        def recording(self, *args, _original=getattr(edge.door.GpioDoor, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+        setattr(edge.door.GpioDoor, name, recording)
+    rc = main(sys.argv[1:])
+    relay = Device.pin_factory.pin(17)
+    print(json.dumps({"rc": rc, "calls": calls, "state": relay.state, "function": relay.function}), flush=True)
+    sys.exit(rc)
+    """
+)
+SIGNAL_RUNS = 10
+MAX_SIGNAL_DELAY_S = 0.4
+FIRST_SIGNAL_WITHIN_S = 3.0
+
+
+@settings(max_examples=SIGNAL_RUNS, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(first_s=st.floats(0.0, FIRST_SIGNAL_WITHIN_S),
+       signals=st.lists(st.tuples(st.sampled_from([signal.SIGTERM, signal.SIGINT]), st.floats(0.0, MAX_SIGNAL_DELAY_S)),
+                        min_size=1, max_size=6))
+def test_any_signals_in_any_order_lock_and_release_the_door_once_and_exit_0(first_s, signals, video, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("signals")
+    events_path = tmp / "events.jsonl"
+    args = ["run", "--source", str(VIDEO), "--store", str(video.store), "--audit", str(tmp / "audit.sqlite"),
+            "--events", str(events_path), "--door", "gpio"]
+    child = subprocess.Popen([sys.executable, "-c", CLI_RECORDING_DOOR, *args], cwd=ROOT,
+                             env={**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(events_path.exists, CLI_TIMEOUT_S), "the run never reached its loop"
+        time.sleep(first_s)
+        for signum, pause_s in signals:
+            if child.poll() is not None:
+                break
+            child.send_signal(signum)
+            time.sleep(pause_s)
+        out, err = child.communicate(timeout=CLI_TIMEOUT_S)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0 and "Traceback" not in err and "unexpected" not in err, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["calls"].count("close") == 1 and report["calls"][-2:] == ["close", "lock"], report
+    assert (report["state"], report["function"]) == (False, "input"), "relay off and released"

@@ -242,6 +242,7 @@ def test_modified_ciphertext_is_refused(path: Path, tmp_path: Path, rng: np.rand
 def test_bad_key_files_are_refused(path: Path, tmp_path: Path) -> None:
     short = tmp_path / "short.key"
     short.write_bytes(b"0" * 16)
+    short.chmod(0o600)
     assert_refused(path, "holds 16 bytes, expected 32", key_path=short)
     assert_refused(path, "cannot read key file", key_path=tmp_path / "absent.key")
     with pytest.raises(StoreError, match="refusing to overwrite"):
@@ -499,3 +500,16 @@ def test_save_after_a_kill_between_backup_link_and_rename_leaves_no_temp(path: P
         store.add_person("bob", unit(rng))
     assert not list(path.parent.glob("*.tmp"))
     assert [p.name for p in open_store(path).persons] == ["ann", "bob"]
+
+
+def test_a_key_file_that_group_or_others_may_use_is_refused_like_an_ssh_key(path: Path, tmp_path: Path,
+                                                                           rng: np.random.Generator) -> None:
+    key = generate_key(tmp_path / "store.key")
+    enrol(path, {"Ada": unit(rng)}, key_path=key)
+    for mode in range(0o400, 0o1000):  # every mode the owner can read the key under
+        key.chmod(mode)
+        if mode & 0o077:
+            assert_refused(path, f"key file {key} has mode {mode:04o}: group or others may use it; make it private "
+                                 f"with `chmod 600 {key}`", key_path=key)
+        else:
+            assert [p.name for p in open_store(path, key_path=key).persons] == ["Ada"]
