@@ -187,5 +187,8 @@ def test_button_enrolment_duplicate_check_refuses_only_closer_than_the_threshold
         config = Config.model_validate({"enroll": {"capture_frames": 1}, "match": {"threshold_l2": threshold_l2}})
         events, _ = button_enrolment(store, [newcomer], config=config, pipeline=pipeline)
         assert events[-1]["event"] == outcome, threshold_l2
+        if outcome == "enroll_refused":
+            assert events[-1]["reason"] == "already enrolled as alice"
+            assert events[-1]["distance_l2"] == round(distance, 4) != round(distance, 5)
     assert events[-1]["person"] != "alice"
     assert len(Store.open(store.path, fingerprint=store.fingerprint)) == 2

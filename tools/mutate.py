@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = {
     "decide": ["test_decide.py", "test_promises_decide.py", "test_promises_door.py", "test_kiosk.py"],
     "door": ["test_door.py", "test_promises_door.py", "test_kiosk.py"],
-    "kiosk": ["test_kiosk.py", "test_promises_door.py", "test_promises_enrolment.py"],
+    "kiosk": ["test_kiosk.py", "test_promises_kiosk.py", "test_promises_door.py", "test_promises_enrolment.py"],
     "store": ["test_store.py", "test_promises_store.py", "test_names.py", "test_kiosk.py"],
     "quality": ["test_promises_enrolment.py", "test_kiosk.py"],
 }

@@ -1,0 +1,133 @@
+"""What the loop reports, pinned in process with a hand-set clock: face-first-visible → relay-on latency, the run
+summary and recent fps, where a camera loss is placed in time, and a button enrolment whose store write fails."""
+from __future__ import annotations
+
+import logging
+import signal
+
+import pytest
+from test_kiosk import (  # noqa: F401  (store: a fixture, alice enrolled)
+    ALICE, CAROL, LOST, NOBODY, FakeNotifier, FakePipeline, ScriptedSource, embedding_of, frames, store,
+)
+
+import edge.store
+from edge.config import Config
+from edge.door import SimulatedDoor
+from edge.kiosk import RECENT_FRAMES, Kiosk
+from edge.store import Store
+
+
+class HandClock:
+    """time.monotonic as the test sets it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def kiosk_on(store, clock: HandClock, *, config: Config | None = None, press_button_at=()) -> tuple[Kiosk, list]:
+    events: list[dict] = []
+    kiosk = Kiosk(config=config or Config(), pipeline=FakePipeline(), store=store, door=SimulatedDoor(),
+                  emit=events.append, clock=clock, press_button_at=set(press_button_at))
+    return kiosk, events
+
+
+def test_unlock_latency_runs_from_the_face_first_seen_to_the_relay_and_is_summarised(store):
+    clock = HandClock()
+    with store.edit():
+        store.add_person("carol", embedding_of(CAROL)[None, :])
+    kiosk, events = kiosk_on(store, clock)
+    walls = [0.0, 0.03, 0.08334, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.72]  # frames 2 and 9 unlock, 3 frames after a face
+    for frame, wall in zip(frames([ALICE] * 3 + [NOBODY] * 4 + [CAROL] * 3), walls):
+        clock.now = 1000.0 + wall
+        kiosk.step(frame)
+    unlocks = [(e["person"], e["latency_ms"], e["frames_to_decide"]) for e in events]
+    assert unlocks == [("alice", 83.3, 3), ("carol", 120.0, 3)]
+    assert kiosk.latencies_ms == pytest.approx([83.34, 120.0])
+    assert kiosk.summary(10, 0.6) == {"frames": 10, "fps": 16.7, "unlock_events": 2,
+                                      "latency_ms_median": pytest.approx(101.7), "latency_ms_max": pytest.approx(120.0)}
+
+
+def test_summary_without_unlocks_or_time():
+    kiosk, _ = kiosk_on(None, HandClock())
+    assert kiosk.summary(0, 0.0) == {"frames": 0, "fps": 0.0}
+
+
+def test_recent_fps_looks_at_the_last_frames_only(store):
+    clock = HandClock()
+    kiosk, _ = kiosk_on(store, clock)
+    assert kiosk.recent_fps() == 0.0
+    kiosk.step(frames([NOBODY])[0])
+    assert kiosk.recent_fps() == 0.0, "one frame is no rate yet"
+    kiosk.step(frames([NOBODY], start_index=1)[0])
+    assert kiosk.recent_fps() > 1e6, "two frames at the same instant: very fast, not a division by zero"
+    slow = frames([NOBODY] * 50, start_index=2)
+    fast = frames([NOBODY] * RECENT_FRAMES, start_index=52)
+    for i, frame in enumerate(slow + fast):
+        clock.now += 1.0 if i < len(slow) else 0.04
+        kiosk.step(frame)
+    assert kiosk.recent_fps() == pytest.approx(25.0), "the slow start has left the window"
+
+
+def test_a_camera_lost_before_any_frame_is_placed_before_the_first_frame(store):
+    kiosk, events = kiosk_on(store, HandClock())
+    kiosk.run(ScriptedSource([LOST, LOST, NOBODY]), notifier=FakeNotifier())
+    assert [(e["event"], e["frame"], e["t_s"]) for e in events] == [("camera_lost", -1, 0.0), ("camera_ok", 0, 0.0)]
+
+
+def test_a_camera_lost_is_placed_at_the_last_frame_seen(store):
+    kiosk, events = kiosk_on(store, HandClock())
+    kiosk.run(ScriptedSource([NOBODY] * 3 + [LOST]), notifier=FakeNotifier())
+    assert [(e["event"], e["frame"], e["t_s"]) for e in events] == [("camera_lost", 2, 0.08)]
+
+
+class PlainSource:
+    """A source without a `status`: None means it has ended."""
+
+    def __init__(self, count: int) -> None:
+        self.frames = frames([NOBODY] * count)
+
+    def read(self):
+        return self.frames.pop(0) if self.frames else None
+
+
+def test_a_source_without_status_ends_at_its_first_none(store):
+    kiosk, _ = kiosk_on(store, HandClock())
+    assert kiosk.run(PlainSource(4), notifier=FakeNotifier()) == 4
+
+
+def test_a_signal_is_logged_as_the_reason_to_stop(store, caplog):
+    caplog.set_level(logging.INFO, logger="edge.kiosk")
+    kiosk, _ = kiosk_on(store, HandClock())
+    source = ScriptedSource([NOBODY] * 5, before_read=lambda: signal.raise_signal(signal.SIGTERM)
+                            if source.index == 2 else None)
+    assert kiosk.run(source, notifier=FakeNotifier()) == 2
+    assert "event=stopping reason=signal" in [r.getMessage() for r in caplog.records]
+
+
+def test_button_enrolment_that_cannot_be_saved_is_refused_with_the_reason(store, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(edge.store, "_write_atomically", disk_full)
+    config = Config.model_validate({"enroll": {"capture_frames": 2}})
+    kiosk, events = kiosk_on(store, HandClock(), config=config, press_button_at={0})
+    for frame in frames([CAROL] * 2):
+        kiosk.step(frame)
+    refused = [(e["event"], e["frame"], e["reason"]) for e in events if e["event"] != "enroll_started"]
+    assert [(name, frame) for name, frame, _ in refused] == [("enroll_refused", 1)]
+    assert refused[0][2].startswith(f"cannot write store {store.path}: No space left on device")
+    assert [action for _, action in kiosk.door.history if action.startswith("confirm")] == []
+    assert [p.name for p in Store.open(store.path, fingerprint=store.fingerprint).persons] == ["alice"]
+
+
+def test_button_enrolment_notes_the_frame(store):
+    config = Config.model_validate({"enroll": {"capture_frames": 1}})
+    kiosk, events = kiosk_on(store, HandClock(), config=config, press_button_at={2})
+    for frame in frames([NOBODY, NOBODY, CAROL]):
+        kiosk.step(frame)
+    [enrolled] = [e for e in events if e["event"] == "enrolled"]
+    assert Store.open(store.path, fingerprint=store.fingerprint).find(enrolled["person"]).note == (
+        "button enrolment, frame 2")
