@@ -104,7 +104,7 @@ def test_a_signal_is_logged_as_the_reason_to_stop(store, caplog):
     source = ScriptedSource([NOBODY] * 5, before_read=lambda: signal.raise_signal(signal.SIGTERM)
                             if source.index == 2 else None)
     assert kiosk.run(source, notifier=FakeNotifier()) == 2
-    assert "event=stopping reason=signal" in [r.getMessage() for r in caplog.records]
+    assert "event=stopping reason=signal signal=SIGTERM" in [r.getMessage() for r in caplog.records]
 
 
 def test_button_enrolment_that_cannot_be_saved_is_refused_with_the_reason(store, monkeypatch):
