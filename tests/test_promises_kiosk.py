@@ -13,7 +13,7 @@ from test_kiosk import (  # noqa: F401  (store: a fixture, alice enrolled)
 import edge.store
 from edge.config import Config
 from edge.door import SimulatedDoor
-from edge.kiosk import RECENT_FRAMES, Kiosk
+from edge.kiosk import RECENT_FRAMES, STORE_CHECK_S, Kiosk
 from edge.store import Store
 
 
@@ -131,3 +131,20 @@ def test_button_enrolment_notes_the_frame(store):
     [enrolled] = [e for e in events if e["event"] == "enrolled"]
     assert Store.open(store.path, fingerprint=store.fingerprint).find(enrolled["person"]).note == (
         "button enrolment, frame 2")
+
+
+def test_the_store_is_reloaded_at_most_once_per_check_interval(store):
+    clock = HandClock()
+    kiosk, events = kiosk_on(store, clock)
+    kiosk.step(frames([NOBODY])[0])
+    other = Store.open(store.path, fingerprint=store.fingerprint)  # the CLI, in another process
+    with other.edit():
+        other.add_person("carol", embedding_of(CAROL)[None, :])
+    clock.now += STORE_CHECK_S / 2
+    kiosk.step(frames([NOBODY], start_index=1)[0])
+    assert len(kiosk.store) == 1, "not checked again before the interval is over"
+    clock.now += STORE_CHECK_S / 2
+    for frame in frames([CAROL] * 3, start_index=2):
+        kiosk.step(frame)
+    assert len(kiosk.store) == 2
+    assert [(e["event"], e["person"]) for e in events] == [("unlock", "carol")]
