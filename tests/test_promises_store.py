@@ -4,15 +4,22 @@ cannot see a page cache that was never flushed).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_store import enrol, nudged, path, rng, unit  # noqa: F401  (path, rng: fixtures)
+from test_store import FINGERPRINT, enrol, nudged, open_store, path, rng, unit  # noqa: F401  (path, rng: fixtures)
 
-from edge.store import Store, generate_key
+from edge.errors import StoreError
+from edge.store import (
+    EMBEDDING_DIM, FLAG_ENCRYPTED, FORMAT_VERSION, GCM_TAG_BYTES, HEADER, MAGIC, META_LENGTH, NONCE_BYTES, Store,
+    generate_key,
+)
 
 # ---- match boundaries -------------------------------------------------------------------------------------------
 
@@ -151,3 +158,89 @@ def test_a_new_key_file_is_fsynced_and_so_is_its_folder(tmp_path, calls):
     key = generate_key(tmp_path / "store.key")
     assert [(call[0], call[1]) for call in calls] == [("fsync", "store.key"), ("fsync", "folder")]
     assert calls[0][2] == key.read_bytes() and len(calls[0][2]) == 32
+
+
+# ---- each refusal names what is wrong and what to do ------------------------------------------------------------
+
+
+def plain_store_bytes(meta: dict, matrix: bytes = b"") -> bytes:
+    """A plain store file with a valid checksum around the given metadata (so only the metadata is wrong)."""
+    body = json.dumps({"fingerprint": FINGERPRINT, "dim": EMBEDDING_DIM, **meta}).encode()
+    data = HEADER.pack(MAGIC, FORMAT_VERSION, 0) + META_LENGTH.pack(len(body)) + body + matrix
+    return data + hashlib.sha256(data).digest()
+
+
+ONE_ROW = np.ones((1, EMBEDDING_DIM), "<f4").tobytes()
+COLUMNS = {"ids": ["0123456789ab"], "names": ["Ada"], "created_utc": ["2026-01-01T00:00:00+00:00"], "notes": [None],
+           "counts": [1]}
+
+
+@pytest.mark.parametrize(("data", "reason"), [
+    (HEADER.pack(MAGIC, FORMAT_VERSION, 0) + b"\0" * 31, f"{HEADER.size + 31} bytes, too short for a store"),
+    (b"\0" * (HEADER.size + 32), "it does not start like an edge store"),
+    (HEADER.pack(MAGIC, FORMAT_VERSION, 0) + b"\0" * 32, "checksum mismatch: the file is truncated or was modified"),
+    (plain_store_bytes({k: v for k, v in COLUMNS.items() if k != "counts"}, ONE_ROW), "metadata lacks 'counts'"),
+    (plain_store_bytes({**COLUMNS, "names": ["Ada", "Grace"]}, ONE_ROW), "metadata columns are not lists of one length"),
+    (plain_store_bytes({**COLUMNS, "names": "Ada"}, ONE_ROW), "metadata columns are not lists of one length"),
+    (plain_store_bytes({**COLUMNS, "dim": 64}, ONE_ROW), "embeddings have 64 dimensions, expected 128"),
+    (plain_store_bytes({**COLUMNS, "counts": ["one"]}, ONE_ROW), "embedding counts are not integers"),
+    (plain_store_bytes(COLUMNS, ONE_ROW * 2), f"{2 * len(ONE_ROW)} bytes of embeddings, the metadata describes "
+                                              f"{len(ONE_ROW)}"),
+    (plain_store_bytes({**COLUMNS, "counts": [0]}), "0 bytes of embeddings, the metadata describes 0"),
+], ids=["short", "not-a-store", "checksum", "no-counts", "ragged", "not-lists", "dim", "counts-text", "extra-rows",
+        "empty-person"])
+def test_a_corrupt_file_is_refused_with_what_is_wrong(path, data, reason):
+    path.write_bytes(data)
+    with pytest.raises(StoreError) as refused:
+        Store.open(path, fingerprint=FINGERPRINT)
+    assert str(refused.value) == (f"store {path} is corrupt ({reason}); restore it from backup {path}.bak or "
+                                  "re-enrol")
+
+
+@pytest.mark.parametrize(("extra", "reason"), [(-1, "43 bytes, too short for an encrypted store"),
+                                                (0, "cannot decrypt store")])
+def test_an_encrypted_file_too_short_to_hold_nonce_and_tag_is_corrupt(path, tmp_path, extra, reason):
+    key = generate_key(tmp_path / "store.key")
+    path.write_bytes(HEADER.pack(MAGIC, FORMAT_VERSION, FLAG_ENCRYPTED) + b"\0" * (NONCE_BYTES + GCM_TAG_BYTES + extra))
+    with pytest.raises(StoreError, match=re.escape(reason)):
+        Store.open(path, fingerprint=FINGERPRINT, key_path=key)
+
+
+def test_key_file_problems_say_how_to_fix_them(path, tmp_path):
+    absent = tmp_path / "absent.key"
+    with pytest.raises(StoreError) as refused:
+        Store.open(path, fingerprint=FINGERPRINT, key_path=absent)
+    assert str(refused.value) == (f"cannot read key file {absent}: No such file or directory; create one with "
+                                  "edge.store.generate_key or fix the path")
+    short = tmp_path / "short.key"
+    short.write_bytes(b"0" * 16)
+    with pytest.raises(StoreError) as refused:
+        Store.open(path, fingerprint=FINGERPRINT, key_path=short)
+    assert str(refused.value) == (f"key file {short} holds 16 bytes, expected 32 random bytes: create one with "
+                                  "edge.store.generate_key")
+    with pytest.raises(StoreError) as refused:
+        generate_key(short)
+    assert str(refused.value) == (f"key file {short} already exists; refusing to overwrite it, stores encrypted "
+                                  "with it would become unreadable")
+    missing_folder = tmp_path / "no-such-folder" / "store.key"
+    with pytest.raises(StoreError) as refused:
+        generate_key(missing_folder)
+    assert str(refused.value) == f"cannot create key file {missing_folder}: No such file or directory"
+
+
+def test_an_unknown_person_error_says_how_to_list_them(path, rng):
+    store = enrol(path, {"Ada": unit(rng)})
+    with pytest.raises(StoreError) as refused:
+        store.find("Grace")
+    assert str(refused.value) == f"no person 'Grace' (id or name) in {path}: list them with `python -m edge people list`"
+
+
+def test_one_edit_can_rename_add_templates_and_enrol_again(path, rng):
+    store = enrol(path, {"Ada": unit(rng), "Grace": unit(rng)})
+    with store.edit():
+        store.rename("Ada", "Ada Lovelace")
+        assert store.find("ada lovelace").name == "Ada Lovelace", "found under the new name before the save"
+        store.add_embeddings("Grace", unit(rng, 2))
+        store.add_person("Linus", unit(rng))
+    assert [(p.name, p.embedding_count) for p in store.persons] == [("Ada Lovelace", 1), ("Grace", 3), ("Linus", 1)]
+    assert open_store(path).persons == store.persons

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}: choose from {', '.join(MODULES)}")
     work = ROOT / "out" / "mutate" / (args.label or ("before" if args.without else "current"))
-    prepare(work, list(MODULES), args.without)
+    prepare(work, modules, args.without)
     summary_path = work / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
