@@ -170,6 +170,12 @@ def plain_store_bytes(meta: dict, matrix: bytes = b"") -> bytes:
     return data + hashlib.sha256(data).digest()
 
 
+def sealed(payload: bytes) -> bytes:
+    """A plain store file around any payload, with a valid checksum."""
+    data = HEADER.pack(MAGIC, FORMAT_VERSION, 0) + payload
+    return data + hashlib.sha256(data).digest()
+
+
 ONE_ROW = np.ones((1, EMBEDDING_DIM), "<f4").tobytes()
 COLUMNS = {"ids": ["0123456789ab"], "names": ["Ada"], "created_utc": ["2026-01-01T00:00:00+00:00"], "notes": [None],
            "counts": [1]}
@@ -187,8 +193,12 @@ COLUMNS = {"ids": ["0123456789ab"], "names": ["Ada"], "created_utc": ["2026-01-0
     (plain_store_bytes(COLUMNS, ONE_ROW * 2), f"{2 * len(ONE_ROW)} bytes of embeddings, the metadata describes "
                                               f"{len(ONE_ROW)}"),
     (plain_store_bytes({**COLUMNS, "counts": [0]}), "0 bytes of embeddings, the metadata describes 0"),
+    (sealed(b"\0" * (META_LENGTH.size - 1)), "payload shorter than its length field"),
+    (sealed(META_LENGTH.pack(100) + b"{}"), "metadata runs past the end of the file"),
+    (sealed(META_LENGTH.pack(0)), "unreadable metadata: Expecting value: line 1 column 1 (char 0)"),
+    (sealed(META_LENGTH.pack(2) + b"[]"), "metadata is not a JSON object"),
 ], ids=["short", "not-a-store", "checksum", "no-counts", "ragged", "not-lists", "dim", "counts-text", "extra-rows",
-        "empty-person"])
+        "empty-person", "payload-short", "metadata-past-end", "no-metadata", "metadata-list"])
 def test_a_corrupt_file_is_refused_with_what_is_wrong(path, data, reason):
     path.write_bytes(data)
     with pytest.raises(StoreError) as refused:
@@ -243,4 +253,5 @@ def test_one_edit_can_rename_add_templates_and_enrol_again(path, rng):
         store.add_embeddings("Grace", unit(rng, 2))
         store.add_person("Linus", unit(rng))
     assert [(p.name, p.embedding_count) for p in store.persons] == [("Ada Lovelace", 1), ("Grace", 3), ("Linus", 1)]
+    assert all(re.fullmatch(r"[0-9a-f]{12}", p.id) for p in store.persons), "ids are 12 hex digits"
     assert open_store(path).persons == store.persons
