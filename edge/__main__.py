@@ -581,6 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_eval_pairs_arguments(p)
     p = command("eval-ident", evaluate.cmd_eval_ident, "open-set 1:N: DIR and FPIR on a folder per person")
     evaluate.add_eval_ident_arguments(p)
+    from edge.evaluate import templates
+
+    p = command("eval-templates", templates.cmd_eval_templates,
+                "FRR at FAR 1e-3…1e-6 with K-photo templates and M-photo probes on a folder per person")
+    templates.add_eval_templates_arguments(p)
     p = command("calibrate", evaluate.cmd_calibrate, "recommend match.threshold_l2 for a target FAR (--write: into --config)")
     evaluate.add_calibrate_arguments(p)
     p = store_command("identify", cmd_identify, "who is in this photo? (exit 1: nobody known)")
