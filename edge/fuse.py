@@ -6,6 +6,8 @@ chosen by measurement on LFW (README, Templates).
 """
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 # A face this wide (detector box, px) or wider counts fully; narrower ones by (width / FULL_WEIGHT_FACE_PX).
@@ -35,3 +37,35 @@ def fused(embeddings: np.ndarray, weights=None) -> np.ndarray | None:
     if not w.any() or norm == 0.0:
         return None
     return (total / norm).astype(np.float32)
+
+
+class TrackTemplate:
+    """A door track's fused embedding: the quality-weighted mean of its last `window_frames` faces.
+
+    The decision is taken on this vector, not on the newest frame, so one lucky frame moves it by about
+    1/frames of the way and cannot open the door on its own; frames of weight 0 (side-on) add nothing.
+    """
+
+    def __init__(self, window_frames: int) -> None:
+        self._vectors: deque[np.ndarray] = deque(maxlen=window_frames)
+        self._weights: deque[float] = deque(maxlen=window_frames)
+
+    def add(self, embedding: np.ndarray, weight: float) -> None:
+        self._vectors.append(np.asarray(embedding, dtype=np.float32))
+        self._weights.append(float(weight))
+
+    @property
+    def frames(self) -> int:
+        """Frames in the window that count (weight > 0)."""
+        return sum(w > 0 for w in self._weights)
+
+    def vector(self) -> np.ndarray | None:
+        """The fused unit embedding, None while no frame in the window counts."""
+        return fused(np.stack(self._vectors), np.array(self._weights)) if self.frames else None
+
+
+def face_weight(face) -> float:
+    """quality_weight of an EmbeddedFace (detector box width, chip sharpness, landmark yaw)."""
+    from edge.quality import sharpness, yaw_ratio
+
+    return float(quality_weight(face.face.width_px, sharpness(face.chip), yaw_ratio(face.face.landmarks)))
