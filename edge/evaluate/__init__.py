@@ -580,7 +580,7 @@ def open_set_rates(best: np.ndarray, best_l2: np.ndarray, second_l2: np.ndarray,
 def add_eval_ident_arguments(parser) -> None:
     parser.add_argument("folder", type=Path, metavar="DIR", help="one sub-folder of photos per person")
     parser.add_argument("--enrol-k", type=positive_int, default=1, metavar="K",
-                        help="enrol each person's first K photos (sorted), probe with the rest (default 1)")
+                        help="enrol each person's first K photos (sorted) as one mean template, probe with the rest (default 1)")
     parser.add_argument("--holdout", type=int, default=0, metavar="N",
                         help="also leave the last N people (by name) out of enrolment as impostor probes")
     _add_workers_argument(parser)
@@ -593,13 +593,16 @@ def cmd_eval_ident(args, config: Config) -> int:
     split = split_for_ident(photos_by_person(args.folder), args.enrol_k, args.holdout)
     paths = [p for photos in split.enrol.values() for p in photos] + [p for p, _ in split.probes]
     embeddings = embed_images(paths, config, workers=args.workers, progress=stderr_progress())
-    names, gallery, owners = [], [], []
+    from edge.fuse import fused
+
+    names, gallery, rows = [], [], 0
     for name, photos in split.enrol.items():
         vectors = [embeddings[p] for p in photos if embeddings[p] is not None]
-        if vectors:
-            owners += [len(names)] * len(vectors)
-            gallery += vectors
+        if vectors:  # one template per person, the mean of their photos, as the store matches
+            gallery.append(fused(np.stack(vectors)))
+            rows += len(vectors)
             names.append(name)
+    owners = np.arange(len(names))
     if not names:
         raise InputError(f"{args.folder}: nobody could be enrolled (every person needs more than {args.enrol_k} "
                          "photos, with a face in the first ones)")
@@ -620,7 +623,7 @@ def cmd_eval_ident(args, config: Config) -> int:
     mated = truth >= 0
     report = {
         "folder": str(args.folder), "enrol_k": args.enrol_k, "enrolled_persons": len(names),
-        "enrolled_templates": len(gallery),
+        "enrolled_templates": rows,
         "nonenrolled_persons": sorted({p.parent.name for (p, _), t in zip(split.probes, truth) if t < 0}),
         "mated_probes": int(mated.sum()), "nonmated_probes": int((~mated).sum()),
         "images_without_face": sum(e is None for e in embeddings.values()),
@@ -631,7 +634,7 @@ def cmd_eval_ident(args, config: Config) -> int:
                     "best": names[b] if b >= 0 else None, "distance_l2": _json_number(d), "second_l2": _json_number(s)}
                    for (p, _), t, b, d, s in zip(split.probes, truth, best, best_l2, second_l2)],
     }
-    say(f"eval-ident: {len(names)} people enrolled ({len(gallery)} templates, k={args.enrol_k}), "
+    say(f"eval-ident: {len(names)} people enrolled ({rows} photos, k={args.enrol_k}), "
          f"{report['mated_probes']} enrolled-person probe(s), {report['nonmated_probes']} non-enrolled probe(s) "
          f"({', '.join(report['nonenrolled_persons']) or 'nobody held out'}), "
          f"{report['images_without_face']} images without a face")
