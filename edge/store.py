@@ -684,7 +684,8 @@ def _mean_templates(matrix: np.ndarray, starts: np.ndarray, counts: np.ndarray) 
         for chunk in np.array_split(persons, max(1, len(persons) // TEMPLATE_CHUNK_PERSONS)):
             rows = starts[chunk][:, None] + np.arange(count)
             templates[chunk] = matrix[rows].sum(axis=1)
-    return templates / np.linalg.norm(templates, axis=1, keepdims=True)
+    # rows cancelling out (never seen from one face) leave a zero template: it then matches nothing instead of NaN
+    return templates / np.maximum(np.linalg.norm(templates, axis=1, keepdims=True), MIN_EMBEDDING_NORM)
 
 
 def _packed(column: list[str]) -> dict:

@@ -581,3 +581,10 @@ def test_nearest_finds_the_person_with_the_closest_single_row(path: Path, rng: n
     store = enrol(path, {"Grace": unit(rng), "Ada": rows})
     person, distance = store.nearest(rows[2])
     assert person.name == "Ada" and distance < 1e-3
+
+
+def test_rows_that_cancel_out_match_nothing_and_hide_no_one(path: Path, rng: np.random.Generator) -> None:
+    ada, grace = unit(rng)[0], unit(rng)
+    store = enrol(path, {"Odd": np.stack([ada, -ada]), "Grace": grace})
+    (answer,) = store.match(grace, threshold_l2=THRESHOLD_L2, margin_l2=MARGIN_L2)
+    assert answer.person == "Grace" and answer.distance_l2 < 1e-3
