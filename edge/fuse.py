@@ -65,7 +65,10 @@ class TrackTemplate:
 
 
 def face_weight(face) -> float:
-    """quality_weight of an EmbeddedFace (detector box width, chip sharpness, landmark yaw)."""
+    """quality_weight of an EmbeddedFace (detector box width, chip sharpness, landmark yaw; a face without
+    landmarks is taken as frontal)."""
     from edge.quality import sharpness, yaw_ratio
 
-    return float(quality_weight(face.face.width_px, sharpness(face.chip), yaw_ratio(face.face.landmarks)))
+    landmarks = face.face.landmarks
+    yaw = 0.0 if landmarks is None else yaw_ratio(landmarks)
+    return float(quality_weight(face.face.width_px, sharpness(face.chip), yaw))
