@@ -119,7 +119,7 @@ def cmd_bench(args, config: Config) -> int:
         from edge.store import bench_store
 
         with tempfile.TemporaryDirectory() as tmp:
-            report = bench_store(args.size, tmp_dir=Path(tmp))
+            report = bench_store(args.size, rows_per_person=args.rows, tmp_dir=Path(tmp))
         say("  ".join(f"{k} {v}" for k, v in report.items()))
     elif args.what == "degrade":
         from edge.degrade import format_rows, run_suite
@@ -188,12 +188,26 @@ def check_not_duplicate(store, name: str, embedding, threshold_l2: float, force:
 
 
 def enrol_person(pipeline, store, name: str, paths: list[Path], config: Config, args) -> dict:
-    """Embed every photo (all must pass the gates), then add them to the person in one atomic edit."""
+    """Embed every photo and add each one that passes the gates as a row, in one atomic edit; the others are
+    skipped with their reason (InputError when none passes)."""
     import numpy as np
 
     name = clean_name(name)  # a refused name costs no model time
-    faces = [enrolment_face(pipeline, path, config, largest=args.largest) for path in paths]
+    faces, used, skipped = [], [], []
+    for path in paths:
+        try:
+            faces.append(enrolment_face(pipeline, path, config, largest=args.largest))
+            used.append(path)
+        except InputError as err:
+            if len(paths) == 1:
+                raise
+            say(f"  skipped {err}")
+            skipped.append({"photo": str(path), "reason": str(err)})
+    if not faces:
+        raise InputError(f"none of the {len(paths)} photos of {name} can be enrolled (first: {skipped[0]['reason']})")
+    paths = used
     embeddings = np.stack([f.embedding for f in faces])
+    sources = [f"photo {path.name}" for path in paths]
     with store.edit():
         for face, path in zip(faces, paths):
             check_not_duplicate(store, name, face.embedding, config.match.threshold_l2, args.force, path)
@@ -202,11 +216,13 @@ def enrol_person(pipeline, store, name: str, paths: list[Path], config: Config, 
         except StoreError:
             existing = None
         if existing is None:
-            person, action = store.add_person(name, embeddings, note=args.note), "enrolled"
+            person, action = store.add_person(name, embeddings, note=args.note, sources=sources), "enrolled"
         else:
-            person, action = store.add_embeddings(existing.id, embeddings), "added to"
-    say(f"{action} {person.name}: {len(paths)} photo(s), {person.embedding_count} template(s)")
-    return {"name": person.name, "id": person.id, "photos": [str(p) for p in paths], "templates": person.embedding_count}
+            person, action = store.add_embeddings(existing.id, embeddings, sources=sources), "added to"
+    say(f"{action} {person.name}: {len(paths)} photo(s), {person.embedding_count} template(s)"
+        + (f", {len(skipped)} photo(s) skipped" if skipped else ""))
+    return {"name": person.name, "id": person.id, "photos": [str(p) for p in paths], "templates": person.embedding_count,
+            "skipped": skipped}
 
 
 def cmd_enroll(args, config: Config) -> int:
@@ -246,7 +262,7 @@ def person_dict(person) -> dict:
 
 
 PEOPLE_ARGUMENTS = {"list": "people list", "show": "people show PERSON", "rename": "people rename PERSON NEW_NAME",
-                    "remove": "people remove PERSON"}
+                    "remove": "people remove PERSON", "forget-row": "people forget-row PERSON ROW"}
 
 
 def cmd_people(args, config: Config) -> int:
@@ -264,6 +280,18 @@ def cmd_people(args, config: Config) -> int:
     elif args.action == "show":
         result = person_dict(store.find(args.person))
         say("  ".join(f"{k}: {v}" for k, v in result.items()))
+        result["rows"] = [{"row": r.index, "source": r.source, "added": r.added_utc} for r in store.rows(result["id"])]
+        for row in result["rows"]:
+            say(f"  row {row['row']}: {row['source']}, added {row['added']}")
+    elif args.action == "forget-row":
+        if not args.new_name.isdigit():
+            raise InputError("people forget-row needs PERSON and ROW (a row number from `people show`)")
+        with store.edit():
+            row = store.forget_row(args.person, int(args.new_name))
+            result = {**person_dict(store.find(args.person)), "forgotten_row": {"row": row.index, "source": row.source,
+                                                                                 "added": row.added_utc}}
+        say(f"forgot row {row.index} of {result['name']} ({row.source}, added {row.added_utc}); "
+            f"{result['templates']} left")
     elif args.action == "rename":
         with store.edit():
             result = person_dict(store.rename(args.person, args.new_name))
@@ -557,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="detector and embedder threads (e.g. 1 under `taskset -c 0` for the one-core Pi-class figure)")
     p.add_argument("--size", type=positive_int, default=100_000, help="bench store: number of synthetic people")
+    p.add_argument("--rows", type=positive_int, default=3, help="bench store: embeddings per synthetic person")
 
     def store_command(name: str, func, help_text: str) -> argparse.ArgumentParser:
         p = command(name, func, help_text)
@@ -570,10 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--largest", action="store_true", help="photos with several faces: use the largest")
     p.add_argument("--force", action="store_true", help="enrol even if the face matches another person")
     p.add_argument("--note", default=None, help="free text kept with the person")
-    p = store_command("people", cmd_people, "list, show, rename or remove enrolled people")
+    p = store_command("people", cmd_people, "list, show, rename or remove enrolled people, or forget one of their rows")
     p.add_argument("action", choices=tuple(PEOPLE_ARGUMENTS))
     p.add_argument("person", nargs="?", metavar="PERSON", help="name or id")
-    p.add_argument("new_name", nargs="?", metavar="NEW_NAME")
+    p.add_argument("new_name", nargs="?", metavar="NEW_NAME|ROW", help="rename: the new name; forget-row: the row "
+                   "number `people show` lists")
     p.add_argument("--audit", type=Path, default=None, help="remove: audit log to anonymise (default: audit.path)")
     from edge import evaluate
 
@@ -581,6 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_eval_pairs_arguments(p)
     p = command("eval-ident", evaluate.cmd_eval_ident, "open-set 1:N: DIR and FPIR on a folder per person")
     evaluate.add_eval_ident_arguments(p)
+    from edge.evaluate import templates
+
+    p = command("eval-templates", templates.cmd_eval_templates,
+                "FRR at FAR 1e-3…1e-6 with K-photo templates and M-photo probes on a folder per person")
+    templates.add_eval_templates_arguments(p)
     p = command("calibrate", evaluate.cmd_calibrate, "recommend match.threshold_l2 for a target FAR (--write: into --config)")
     evaluate.add_calibrate_arguments(p)
     p = store_command("identify", cmd_identify, "who is in this photo? (exit 1: nobody known)")

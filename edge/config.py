@@ -43,14 +43,38 @@ class EmbedderConfig(Section):
     mirror_average: bool = Field(True, description="average each face's embedding with its mirror image's (stores remember the setting)")
 
 
+# Security level → (target false-accept rate per decision, threshold_l2). Measured on lfw_dev with eval-templates
+# (mean templates, one probe photo, centre face): the strictest threshold over enrolments of K = 1, 2, 3 photos at
+# that FAR, rounded down (README, Security levels). A door track's fused frames are near-duplicates, not independent
+# photos, so the one-photo (M=1) column applies.
+SECURITY_LEVELS: dict[str, tuple[float, float]] = {"standard": (1e-4, 0.344), "high": (1e-5, 0.311),
+                                                   "highest": (1e-6, 0.275)}
+DEFAULT_SECURITY = "high"
+
+
 class MatchConfig(Section):
-    threshold_l2: float = Field(0.33, gt=0.0, le=2.0, description="accept when the L2 distance between unit embeddings is below this")
+    security: Literal["standard", "high", "highest"] = Field(
+        DEFAULT_SECURITY, description="target false-accept rate per decision: standard 1e-4, high 1e-5, highest 1e-6; sets threshold_l2"
+    )
+    threshold_l2: float = Field(SECURITY_LEVELS[DEFAULT_SECURITY][1], gt=0.0, le=2.0,
+                                description="accept below this L2 distance between unit embeddings; set it only to override the security level (e.g. from calibrate)")
     margin_l2: float = Field(0.05, ge=0.0, le=1.0, description="the best person must beat the second best by at least this")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _threshold_from_security(cls, data):
+        """threshold_l2 follows `security` unless it is given explicitly."""
+        if isinstance(data, dict) and data.get("threshold_l2") is None:
+            level = data.get("security", DEFAULT_SECURITY)
+            if level in SECURITY_LEVELS:
+                data = {**data, "threshold_l2": SECURITY_LEVELS[level][1]}
+        return data
 
 
 class DecideConfig(Section):
     votes_needed: int = Field(3, ge=1, le=30, description="frames the same person must win (k) before the door opens")
     window_frames: int = Field(5, ge=1, le=60, description="the last n frames of a track that the vote looks at")
+    fuse_frames: int = Field(10, ge=1, le=60, description="a track's last frames fused (quality-weighted) into the embedding each vote is taken on; 1 = the frame alone")
     iou_min: float = Field(0.3, ge=0.05, le=0.95, description="box overlap needed to continue a track in the next frame")
     max_missed_frames: int = Field(5, ge=0, le=100, description="a track ends after this many frames without its face")
     cooldown_s: float = Field(10.0, ge=0.0, le=3600.0, description="no second unlock for the same person within this time")
@@ -70,7 +94,13 @@ class EnrollConfig(Section):
     max_embeddings_per_person: int = Field(10, ge=1, le=100, description="templates kept per person (oldest dropped)")
     admins: list[str] = Field(default_factory=list, description="people whose presence allows button enrolment; empty = anyone (set up mode)")
     admin_window_s: float = Field(30.0, ge=0.0, le=3600.0, description="a button press counts within this time of an admin being recognised")
-    capture_frames: int = Field(10, ge=1, le=300, description="frames watched after a button press; the best face is enrolled")
+    capture_frames: int = Field(10, ge=1, le=300, description="frames watched after a button press; the best faces are enrolled")
+    button_rows: int = Field(3, ge=1, le=20, description="button enrolment keeps up to this many of the best, mutually distinct faces of the capture")
+    auto_update: bool = Field(False, description="after a confident, unambiguous unlock add the track's fused embedding as a row when it shows a new condition (README: why off)")
+    auto_update_max_l2: float = Field(0.25, gt=0.0, le=2.0, description="auto_update: only unlocks whose fused distance is below this count as confident")
+    auto_update_min_margin_l2: float = Field(0.15, ge=0.0, le=2.0, description="auto_update: the runner-up must be at least this much further (unambiguous)")
+    auto_update_min_l2: float = Field(0.12, ge=0.0, le=2.0, description="auto_update: the fused embedding must be this far from every row of the person (a new condition)")
+    auto_update_max_rows: int = Field(3, ge=1, le=50, description="auto_update: at most this many automatic rows per person")
 
 
 class StoreConfig(Section):

@@ -1,6 +1,8 @@
 """Turn per-frame matches into door decisions: track faces by IoU, vote k-of-n, cooldown, rate-limit unknowns.
 
-Pure logic, no I/O: `Decider.update(detections, frame_index, t_s)` returns the events to act on.
+Pure logic, no I/O: `Decider.update(detections, frame_index, t_s)` returns the events to act on. The door loop
+splits it in two so that the match in between is taken on each track's fused embedding: `track(boxes, frame)`,
+then `decide(tracks, matches, frame, t_s)` (a match of None: no frame of the track counts yet, no vote).
 """
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from edge.config import DecideConfig
+from edge.fuse import TrackTemplate
 from edge.types import Match
 
 Box = tuple[float, float, float, float]
@@ -38,6 +41,7 @@ class Track:
     votes: deque = field(default_factory=deque)
     unlocked: set = field(default_factory=set)
     reported_unknown: bool = False
+    template: TrackTemplate | None = None
 
 
 def iou(a: Box, b: Box) -> float:
@@ -79,6 +83,7 @@ class Decider:
                 track = Track(
                     id=self._next_id, box=box, last_frame=frame, first_frame=frame,
                     votes=deque(maxlen=self.settings.window_frames),
+                    template=TrackTemplate(self.settings.fuse_frames),
                 )
                 self._next_id += 1
                 self.tracks[track.id] = track
@@ -94,10 +99,20 @@ class Decider:
 
     def update(self, detections: list[tuple[Box, Match]], frame: int, t_s: float) -> list[Decision]:
         """Feed one frame's faces and their matches; returns the unlock/unknown events this frame causes."""
+        tracks = self.track([box for box, _ in detections], frame)
+        return self.decide(tracks, [match for _, match in detections], frame, t_s)
+
+    def track(self, boxes: list[Box], frame: int) -> list[Track]:
+        """The track of each box (continued by overlap, else new); tracks unseen for too long end first."""
         self._expire(frame)
-        tracks = self._assign([box for box, _ in detections], frame)
+        return self._assign(boxes, frame)
+
+    def decide(self, tracks: list[Track], matches: list[Match | None], frame: int, t_s: float) -> list[Decision]:
+        """Each track's match this frame is its vote; returns the unlock/unknown events this frame causes."""
         decisions = []
-        for track, (_, match) in zip(tracks, detections):
+        for track, match in zip(tracks, matches):
+            if match is None:
+                continue
             track.votes.append(match.person)
             decision = self._decide(track, match, frame, t_s)
             if decision:

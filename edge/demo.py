@@ -41,8 +41,8 @@ def annotate(image: np.ndarray, faces, matches) -> np.ndarray:
     thickness = max(2, image.shape[1] // 400)
     for face, match in zip(faces, matches):
         left, top, right, bottom = (int(v) for v in face.face.box)
-        colour = KNOWN_BGR if match.person else UNKNOWN_BGR
-        label = f"{match.person or 'unknown'} {match.distance_l2:.2f}"
+        colour = KNOWN_BGR if match is not None and match.person else UNKNOWN_BGR
+        label = "unknown" if match is None else f"{match.person or 'unknown'} {match.distance_l2:.2f}"
         cv2.rectangle(out, (left, top), (right, bottom), colour, thickness)
         cv2.putText(out, label, (left, max(0, top - 10)), cv2.FONT_HERSHEY_SIMPLEX, thickness / 3, colour, thickness)
     return out

@@ -18,13 +18,17 @@ import numpy as np
 from edge.config import Config
 from edge.decide import Decider, Decision
 from edge.errors import StoreError, first_line
+from edge.fuse import face_weight
 from edge.quality import quality_problem, quality_score
 from edge.sdnotify import Notifier
-from edge.types import EmbeddedFace, Frame
+from edge.types import EmbeddedFace, Frame, Match
 
 log = logging.getLogger("edge.kiosk")
 STORE_CHECK_S = 1.0
 RECENT_FRAMES = 256
+# Button enrolment keeps frames at least this far from each other (consecutive video frames are near-duplicates).
+DISTINCT_FRAME_L2 = 0.05
+AUTO_UPDATE_SOURCE = "auto-update"
 
 
 class StopRequest:
@@ -83,6 +87,7 @@ class Kiosk:
         self.counts: Counter[str] = Counter()
         self.last_faces: list[EmbeddedFace] = []
         self.last_matches: list = []
+        self._tracks: list = []
 
     def press_button(self) -> None:
         """Called from gpiozero's Button thread (or a test): ask to enrol the next good face."""
@@ -112,17 +117,28 @@ class Kiosk:
             self._frame_wall.popitem(last=False)
         self._reload_store()
         faces = self.pipeline.analyze(frame.image)
-        matches = self.store.match(
-            np.stack([f.embedding for f in faces]), threshold_l2=self.config.match.threshold_l2,
-            margin_l2=self.config.match.margin_l2,
-        ) if faces else []
+        matches = self._fused_matches(faces, frame.index)
         self.last_faces, self.last_matches = faces, matches
-        if any(m.person in self.config.enroll.admins for m in matches):
+        if any(m is not None and m.person in self.config.enroll.admins for m in matches):
             self._admin_seen_s = frame.t_s
         events = self._enrolment(frame, faces)
-        for decision in self.decider.update([(f.face.box, m) for f, m in zip(faces, matches)], frame.index, frame.t_s):
+        for decision in self.decider.decide(self._tracks, matches, frame.index, frame.t_s):
             events.append(self._act(decision, frame, faces))
         return events
+
+    def _fused_matches(self, faces: list[EmbeddedFace], frame_index: int) -> list[Match | None]:
+        """Each face joins its track's fused embedding (weighted by its quality); the 1:N match is taken on that.
+
+        None for a track none of whose frames counts yet (all side-on): it casts no vote.
+        """
+        self._tracks = self.decider.track([f.face.box for f in faces], frame_index)
+        for track, face in zip(self._tracks, faces):
+            track.template.add(face.embedding, face_weight(face))
+        fused = [track.template.vector() for track in self._tracks]
+        found = [v for v in fused if v is not None]
+        answers = iter(self.store.match(np.stack(found), threshold_l2=self.config.match.threshold_l2,
+                                        margin_l2=self.config.match.margin_l2) if found else [])
+        return [next(answers) if v is not None else None for v in fused]
 
     def _act(self, decision: Decision, frame: Frame, faces: list[EmbeddedFace]) -> dict:
         door_action = "none"
@@ -145,11 +161,14 @@ class Kiosk:
             except Exception as err:  # the log is a record of the door, never a reason to stop it
                 log.error("event=audit_write_failed decision=%s frame=%d error=%s: %s", decision.event, frame.index,
                           type(err).__name__, first_line(err))
-        return self._event(
+        event = self._event(
             decision.event, frame, person=decision.person, person_id=person_id,
             distance_l2=round(decision.distance_l2, 4), margin_l2=round(decision.margin_l2, 4), track=decision.track,
             votes=decision.votes, door=door_action, **latency, **audit,
         )
+        if decision.event == "unlock" and self.config.enroll.auto_update:
+            self._auto_update(decision, frame)
+        return event
 
     def _enrolment(self, frame: Frame, faces: list[EmbeddedFace]) -> list[dict]:
         """Button enrolment: after a press (by an admin, or anyone while no admin is configured) watch
@@ -168,16 +187,16 @@ class Kiosk:
         if faces:
             largest = faces[0]
             if quality_problem(largest, cfg) is None:
-                self._candidates.append(largest)
+                self._candidates.append((largest, frame.index))
         if self._capture_left > 0:
             return []
         if not self._candidates:
             return [self._event("enroll_refused", frame, reason="no face good enough (size, sharpness, frontal)")]
-        best = max(self._candidates, key=quality_score)
-        return [self._enrol(best, frame)]
+        return [self._enrol(best_distinct(self._candidates, cfg.button_rows), frame)]
 
-    def _enrol(self, face: EmbeddedFace, frame: Frame) -> dict:
-        other, distance = self.store.nearest(face.embedding)
+    def _enrol(self, chosen: list[tuple[EmbeddedFace, int]], frame: Frame) -> dict:
+        """Enrol a new person from the chosen (face, frame index) pairs, best first, one row each."""
+        other, distance = self.store.nearest(chosen[0][0].embedding)
         if other is not None and distance < self.config.match.threshold_l2:
             return self._event("enroll_refused", frame, reason=f"already enrolled as {other.name}", distance_l2=round(distance, 4))
         base = datetime.now().strftime("person-%Y%m%d-%H%M%S")
@@ -185,11 +204,39 @@ class Kiosk:
             with self.store.edit():
                 taken = {p.name for p in self.store.persons}
                 name = next(n for n in (base, *(f"{base}-{i}" for i in range(2, 100))) if n not in taken)
-                self.store.add_person(name, face.embedding[None, :], note=f"button enrolment, frame {frame.index}")
+                self.store.add_person(name, np.stack([face.embedding for face, _ in chosen]),
+                                      note=f"button enrolment, frame {frame.index}",
+                                      sources=[f"button, frame {index}" for _, index in chosen])
         except StoreError as err:  # the door loop goes on; the admin sees why and can press again
             return self._event("enroll_refused", frame, reason=str(err))
         self.door.confirm()
-        return self._event("enrolled", frame, person=name)
+        return self._event("enrolled", frame, person=name, rows=len(chosen))
+
+    def _auto_update(self, decision: Decision, frame: Frame) -> dict | None:
+        """enroll.auto_update: after a confident, unambiguous unlock, add the track's fused embedding to the person
+        when it is far enough from each of their rows (a new condition: light, glasses, beard), at most
+        `auto_update_max_rows` such rows and never pushing out an enrolled one. Logged; `people forget-row` undoes it."""
+        cfg = self.config.enroll
+        track = self.decider.tracks.get(decision.track)
+        fused = track.template.vector() if track is not None else None
+        if (fused is None or decision.distance_l2 >= cfg.auto_update_max_l2
+                or decision.margin_l2 < cfg.auto_update_min_margin_l2):
+            return None
+        try:
+            with self.store.edit():
+                rows = self.store.rows(decision.person)
+                nearest_l2 = float(np.sqrt(np.maximum(2.0 - 2.0 * (self.store.embeddings(decision.person) @ fused), 0.0)).min())
+                automatic = sum(r.source.startswith(AUTO_UPDATE_SOURCE) for r in rows)
+                if (nearest_l2 < cfg.auto_update_min_l2 or automatic >= cfg.auto_update_max_rows
+                        or len(rows) >= cfg.max_embeddings_per_person):
+                    return None
+                self.store.add_embeddings(decision.person, fused, sources=f"{AUTO_UPDATE_SOURCE}, track {decision.track}")
+        except Exception as err:  # an update is a convenience: a failure is logged, the door loop goes on
+            log.error("event=template_update_failed person=%s error=%s: %s", decision.person, type(err).__name__,
+                      first_line(err))
+            return None
+        return self._event("template_updated", frame, person=decision.person, row=len(rows),
+                           distance_l2=round(decision.distance_l2, 4), new_condition_l2=round(nearest_l2, 4))
 
     def recent_fps(self) -> float:
         """Frames per second over the last RECENT_FRAMES frames (0.0 before the second frame)."""
@@ -252,3 +299,14 @@ class Kiosk:
             if own_stop:
                 stop.restore()
         return processed
+
+
+def best_distinct(candidates: list[tuple[EmbeddedFace, int]], count: int) -> list[tuple[EmbeddedFace, int]]:
+    """Up to `count` candidates, best quality first, each at least DISTINCT_FRAME_L2 from those already taken."""
+    chosen: list[tuple[EmbeddedFace, int]] = []
+    for face, index in sorted(candidates, key=lambda c: quality_score(c[0]), reverse=True):
+        if all(np.linalg.norm(face.embedding - other.embedding) >= DISTINCT_FRAME_L2 for other, _ in chosen):
+            chosen.append((face, index))
+        if len(chosen) == count:
+            break
+    return chosen

@@ -52,8 +52,10 @@ def test_mirror_average_separates_at_least_as_well_on_every_variant(data_dir):
         assert by[(variant, "unit+mirror")]["d_prime"] >= by[(variant, "unit")]["d_prime"], variant
         assert by[(variant, "unit+mirror")]["images_without_face"] == 0
     clean = by[("clean", "unit+mirror")]
-    assert clean["accuracy"] >= by[("clean", "raw")]["accuracy"]  # raw dlib descriptors at 0.6 = face_recognition's rule
-    assert recommendation["clean_accuracy"] >= 0.9967
-    # The shipped threshold is the recommended one (rounded up to two decimals) and keeps clean pairs free of false accepts.
-    assert recommendation["threshold_l2"] <= config.match.threshold_l2 < recommendation["clean_impostor_min_l2"]
+    # at the recommended threshold, as good as raw dlib descriptors at 0.6 (face_recognition's rule)
+    assert recommendation["clean_accuracy"] >= by[("clean", "raw")]["accuracy"] >= 0.9967
+    # The shipped threshold (security: high, FAR 1e-5 on lfw_dev) is stricter than the recommended one, so no
+    # degraded different-person pair is accepted either; the price on these 300 pairs is one more false reject.
+    assert config.match.threshold_l2 <= recommendation["threshold_l2"] < recommendation["clean_impostor_min_l2"]
+    assert clean["accuracy"] >= 0.9933
     print("\n" + "\n".join(f"{r['variant']:>7} {r['configuration']:>12} d'={r['d_prime']:.2f} acc={r['accuracy']:.4f}" for r in rows))

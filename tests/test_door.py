@@ -170,7 +170,8 @@ SIGTERM_CHILD = textwrap.dedent(
     MAX_FRAMES = 3000
     factory = MockFactory()
     door = GpioDoor(relay_pin=17, active_high=ACTIVE_HIGH, pulse_s=30.0, pin_factory=factory)
-    face = EmbeddedFace(Face((0, 0, 100, 100), 0.99), np.zeros((150, 150, 3), np.uint8), np.ones(128, np.float32))
+    chip = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)  # textured: a flat chip would
+    face = EmbeddedFace(Face((0, 0, 100, 100), 0.99), chip, np.ones(128, np.float32))  # weigh 0 in track fusion
 
     class Pipeline:
         def analyze(self, image):

@@ -238,7 +238,9 @@ def test_eval_pairs_master_csv(data_dir, models_dir, tmp_path, capsys):
     assert report["images_without_face"] == 0 and report["pairs_without_face"] == 0
     assert report["accuracy_10fold"] >= 0.99 and len(report["thresholds_10fold"]) == 10
     assert report["threshold_l2"] == load_config(CONFIG).match.threshold_l2
-    assert report["accuracy_at_threshold"] >= round(299 / 300, 6)  # face_recognition: 99.67 % (299/300) at its 0.6
+    # face_recognition: 99.67 % (299/300) at its 0.6; at security high (0.311, FAR 1e-5 on lfw_dev) one more
+    # same-person pair is rejected than at the former 0.33, while no different-person pair is accepted
+    assert report["accuracy_at_threshold"] >= round(298 / 300, 6)
     # 262 impostors: FAR 1e-3 allows none, so its threshold is the closest impostor pair; 1e-2 allows 2
     assert report["val_at_far_1e-3"]["threshold_l2"] == report["impostor_min_l2"]
     assert report["val_at_far_1e-3"]["far"] == 0.0 and report["val_at_far_1e-2"]["far"] == pytest.approx(2 / 262, abs=1e-6)
@@ -351,7 +353,9 @@ def enrolled_store(path: Path, fingerprint: str, persons: int, templates: int = 
 
 def test_calibrate_store_write_keeps_comments(models_dir, tmp_path, capsys):
     config_file = tmp_path / "config.yaml"
-    original = CONFIG.read_text()
+    # the shipped config with its threshold_l2 override line switched on (calibrated before): edited in place
+    original = CONFIG.read_text().replace("  # threshold_l2:", "  threshold_l2:")
+    assert original != CONFIG.read_text()
     config_file.write_text(original)
     store_file = tmp_path / "store.edgestore"
     rows = enrolled_store(store_file, store_fingerprint(load_config(CONFIG)), persons=150)

@@ -407,12 +407,18 @@ def test_match_is_unknown_when_two_persons_are_too_close(path: Path, rng: np.ran
     assert answer.distance_l2 < THRESHOLD_L2 and answer.margin_l2 < MARGIN_L2
 
 
-def test_match_uses_each_persons_best_embedding(path: Path, rng: np.random.Generator) -> None:
-    ada = unit(rng, 4)
+def test_match_compares_with_each_persons_mean_template(path: Path, rng: np.random.Generator) -> None:
+    centre = unit(rng)[0]
+    ada = np.stack([nudged(centre, rng, 0.3) for _ in range(4)])  # four photos around one face
+    template = unit_of(ada.mean(axis=0))
     store = enrol(path, {"Grace": unit(rng, 3), "Ada": ada, "Linus": unit(rng, 2)})
-    for row in range(4):
-        (answer,) = store.match(nudged(ada[row], rng, 0.25), threshold_l2=THRESHOLD_L2, margin_l2=MARGIN_L2)
-        assert answer.person == "Ada" and answer.distance_l2 == pytest.approx(0.25, abs=1e-4)
+    probe = nudged(template, rng, 0.25)
+    (answer,) = store.match(probe, threshold_l2=THRESHOLD_L2, margin_l2=MARGIN_L2)
+    assert answer.person == "Ada" and answer.distance_l2 == pytest.approx(0.25, abs=1e-4)
+    # not the nearest row: the distance is to the mean, and a row's own vector is further than the template is
+    (row,) = store.match(ada[0], threshold_l2=THRESHOLD_L2, margin_l2=MARGIN_L2)
+    assert row.distance_l2 == pytest.approx(float(np.linalg.norm(ada[0] - template)), abs=1e-4)
+    assert row.distance_l2 > 0.1
 
 
 def test_a_single_person_wins_by_the_absent_distance(path: Path, rng: np.random.Generator) -> None:
@@ -513,3 +519,72 @@ def test_a_key_file_that_group_or_others_may_use_is_refused_like_an_ssh_key(path
                                  f"with `chmod 600 {key}`", key_path=key)
         else:
             assert [p.name for p in open_store(path, key_path=key).persons] == ["Ada"]
+
+
+# ---- rows: where each embedding came from, forgetting one, format 1 -------------------------------------------
+
+STORE_V1 = Path(__file__).parent / "data" / "store_v1.edgestore"  # written by the format-1 code (Ada 2 rows, Grace 1)
+
+
+def test_rows_keep_their_source_and_date_through_the_cap(path: Path, rng: np.random.Generator) -> None:
+    store = open_store(path, max_embeddings_per_person=3)
+    with store.edit():
+        store.add_person("Ada", unit(rng, 2), sources=["photo a.jpg", "photo b.jpg"])
+        store.add_person("Grace", unit(rng))
+        store.add_embeddings("Ada", unit(rng, 2), sources="auto-update track 4")
+    rows = open_store(path).rows("Ada")
+    assert [(r.index, r.source) for r in rows] == [(0, "photo b.jpg"), (1, "auto-update track 4"),
+                                                   (2, "auto-update track 4")]  # the oldest row was dropped
+    assert all(r.added_utc.endswith("+00:00") for r in rows)
+    assert [r.source for r in open_store(path).rows("Grace")] == ["enrolment"]
+
+
+def test_forget_row_erases_one_embedding_also_from_the_backup(path: Path, rng: np.random.Generator) -> None:
+    ada, grace = unit(rng, 3), unit(rng)
+    store = enrol(path, {"Ada": ada, "Grace": grace})
+    with store.edit():
+        forgotten = store.forget_row("Ada", 1)
+    assert forgotten.index == 1 and forgotten.source == "enrolment"
+    reopened = open_store(path)
+    assert np.allclose(reopened.embeddings("Ada"), ada[[0, 2]], atol=1e-6)
+    assert np.allclose(reopened.embeddings("Grace"), grace, atol=1e-6)
+    backup = Store.open(reopened.backup_path, fingerprint=FINGERPRINT)
+    assert not any(np.allclose(row, ada[1], atol=1e-6) for row in backup.embeddings("Ada"))
+    with pytest.raises(StoreError, match="rows 0 to 1, not 5"), reopened.edit():
+        reopened.forget_row("Ada", 5)
+    with pytest.raises(StoreError, match="only one: remove the person"), reopened.edit():
+        reopened.forget_row("Grace", 0)
+
+
+def test_a_format_1_store_is_read_and_written_back_as_format_2(tmp_path: Path, rng: np.random.Generator) -> None:
+    path = tmp_path / "old.edgestore"
+    path.write_bytes(STORE_V1.read_bytes())
+    store = Store.open(path, fingerprint="test:format-1")
+    assert [(p.name, p.embedding_count, p.note) for p in store.persons] == [("Ada", 2, "two photos"), ("Grace", 1, None)]
+    ada_created = store.find("Ada").created_utc
+    assert [(r.source, r.added_utc) for r in store.rows("Ada")] == [("enrolment", ada_created)] * 2
+    old_rows = store.embeddings("Ada")
+    (answer,) = store.match(old_rows.mean(axis=0), threshold_l2=THRESHOLD_L2, margin_l2=MARGIN_L2)
+    assert answer.person == "Ada" and answer.distance_l2 < 1e-3
+    with store.edit():
+        store.add_embeddings("Grace", unit(rng), sources="photo new.jpg")
+    assert path.read_bytes()[8:10] == (2).to_bytes(2, "little")  # format version 2 on disk now
+    reopened = Store.open(path, fingerprint="test:format-1")
+    assert np.array_equal(reopened.embeddings("Ada"), old_rows)
+    assert [r.source for r in reopened.rows("Grace")] == ["enrolment", "photo new.jpg"]
+    assert reopened.rows("Ada")[0].added_utc == ada_created
+    assert reopened.backup_path.read_bytes() == STORE_V1.read_bytes()  # the format-1 file kept as the backup
+
+
+def test_nearest_finds_the_person_with_the_closest_single_row(path: Path, rng: np.random.Generator) -> None:
+    rows = unit(rng, 3)  # three unrelated rows: their mean template is far from each of them
+    store = enrol(path, {"Grace": unit(rng), "Ada": rows})
+    person, distance = store.nearest(rows[2])
+    assert person.name == "Ada" and distance < 1e-3
+
+
+def test_rows_that_cancel_out_match_nothing_and_hide_no_one(path: Path, rng: np.random.Generator) -> None:
+    ada, grace = unit(rng)[0], unit(rng)
+    store = enrol(path, {"Odd": np.stack([ada, -ada]), "Grace": grace})
+    (answer,) = store.match(grace, threshold_l2=THRESHOLD_L2, margin_l2=MARGIN_L2)
+    assert answer.person == "Grace" and answer.distance_l2 < 1e-3

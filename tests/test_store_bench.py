@@ -24,3 +24,10 @@ def test_bench_store_reports_sane_numbers(tmp_path: Path, encrypted: bool) -> No
     matrix_mib = SIZE * EMBEDDING_DIM * 4 / MIB
     assert matrix_mib < result["file_mib"] < 2 * matrix_mib
     assert isinstance(result["rss_mib"], float)
+
+
+def test_bench_store_with_several_rows_per_person_still_finds_everyone(tmp_path: Path) -> None:
+    result = bench_store(SIZE, rows_per_person=3, queries=QUERIES, tmp_dir=tmp_path)
+    assert result["rows_per_person"] == 3 and result["hit_rate"] == 1.0 and result["first_match_ms"] > 0
+    matrix_mib = 3 * SIZE * EMBEDDING_DIM * 4 / MIB
+    assert matrix_mib < result["file_mib"] < 2 * matrix_mib

@@ -266,20 +266,46 @@ def largest_face_embedding(pipeline, path: Path) -> np.ndarray | None:
     return face.embedding if face is not None else None
 
 
-def _start_worker(config: Config) -> None:
-    global _worker_pipeline
+def centre_face(pipeline, path: Path):
+    """The face whose box centre is nearest the image centre (LFW's subject), found as photos are searched;
+    None when there is no face."""
+    from edge.images import load_image
+
+    image = load_image(path)
+    faces = pipeline.analyze(image, thorough=True)
+    return min(faces, key=lambda f: _offset_from_centre(f.face.box, image.shape)) if faces else None
+
+
+def _offset_from_centre(box, shape) -> float:
+    return math.hypot((box[0] + box[2] - shape[1]) / 2, (box[1] + box[3] - shape[0]) / 2)
+
+
+def centre_face_embedding(pipeline, path: Path) -> np.ndarray | None:
+    """Unit embedding of the face nearest the image centre, None when there is no face."""
+    face = centre_face(pipeline, path)
+    return face.embedding if face is not None else None
+
+
+FACE_RULES = {"largest": largest_face_embedding, "centre": centre_face_embedding}
+_worker_measure: Callable | None = None
+
+
+def _start_worker(config: Config, measure: Callable) -> None:
+    global _worker_pipeline, _worker_measure
     from edge.pipeline import Pipeline
 
-    _worker_pipeline = Pipeline(config)
+    _worker_pipeline, _worker_measure = Pipeline(config), measure
 
 
-def _embed_in_worker(path: Path) -> np.ndarray | None:
-    return largest_face_embedding(_worker_pipeline, path)
+def _measure_in_worker(path: Path):
+    return _worker_measure(_worker_pipeline, path)
 
 
 def embed_images(paths: Iterable[Path], config: Config, *, workers: int = 1,
-                 progress: Callable[[int, int], None] | None = None) -> Embeddings:
-    """Embedding (or None: no face) of every distinct path; `workers` > 1 spreads them over processes."""
+                 progress: Callable[[int, int], None] | None = None,
+                 measure: Callable = largest_face_embedding) -> Embeddings:
+    """`measure(pipeline, path)` of every distinct path (default: the largest face's embedding, None without a face);
+    `workers` > 1 spreads them over processes (`measure` must then be a module-level function)."""
     unique = list(dict.fromkeys(paths))
     missing = [p for p in unique if not Path(p).is_file()]
     if missing:
@@ -289,12 +315,13 @@ def embed_images(paths: Iterable[Path], config: Config, *, workers: int = 1,
 
         pipeline = Pipeline(config)
         try:
-            return _collect(unique, (largest_face_embedding(pipeline, p) for p in unique), progress)
+            return _collect(unique, (measure(pipeline, p) for p in unique), progress)
         finally:
             pipeline.close()
     # spawn: a fresh interpreter per worker, so no inference-runtime threads are inherited through fork
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(config,)) as pool:
-        return _collect(unique, pool.imap(_embed_in_worker, unique), progress)
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker,
+                                                   initargs=(config, measure)) as pool:
+        return _collect(unique, pool.imap(_measure_in_worker, unique), progress)
 
 
 def _collect(paths: list[Path], results: Iterable, progress) -> Embeddings:
@@ -428,10 +455,11 @@ def _add_workers_argument(parser) -> None:
                         help="embed with N processes, each with its own models (default 1)")
 
 
-def _evaluate_pairs(pairs: list[Pair], config: Config, workers: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Distances, same-person flags and the face-finding counts of a pair list."""
+def _evaluate_pairs(pairs: list[Pair], config: Config, workers: int,
+                    face: str = "largest") -> tuple[np.ndarray, np.ndarray, dict]:
+    """Distances, same-person flags and the face-finding counts of a pair list (`face`: a FACE_RULES key)."""
     embeddings = embed_images([p for pair in pairs for p in pair[:2]], config, workers=workers,
-                              progress=stderr_progress())
+                              progress=stderr_progress(), measure=FACE_RULES[face])
     distances = pair_distances(pairs, embeddings)
     counts = {"images": len(embeddings), "images_without_face": sum(e is None for e in embeddings.values()),
               "pairs_without_face": int(np.isinf(distances).sum())}
@@ -446,7 +474,14 @@ def add_eval_pairs_arguments(parser) -> None:
     parser.add_argument("images_root", type=Path, metavar="IMAGES_ROOT", help="folder the pair file's images are in")
     parser.add_argument("--format", choices=("lfw", "csv"), default=None, help="default: csv for *.csv, else lfw")
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write ROC, DET and distance plots")
+    add_face_argument(parser)
     _add_workers_argument(parser)
+
+
+def add_face_argument(parser) -> None:
+    parser.add_argument("--face", choices=tuple(FACE_RULES), default="largest",
+                        help="which face of a photo with several: largest (the product's rule, default) or centre "
+                             "(the one nearest the image centre: LFW's subject)")
 
 
 def cmd_eval_pairs(args, config: Config) -> int:
@@ -458,11 +493,11 @@ def cmd_eval_pairs(args, config: Config) -> int:
         raise InputError(f"{args.pairs}: {len(pairs)} pairs; 10-fold evaluation needs at least {DEFAULT_FOLDS}, "
                          "some of the same person and some of different people")
     _check_writable_target(args.plot)
-    distances, same, counts = _evaluate_pairs(pairs, config, args.workers)
+    distances, same, counts = _evaluate_pairs(pairs, config, args.workers, args.face)
     if not (np.isfinite(distances[same]).any() and np.isfinite(distances[~same]).any()):
         raise InputError(f"{args.pairs}: faces found in too few images ({counts['images_without_face']} of "
                          f"{counts['images']} without a face) to compare same and different pairs")
-    report = {"pairs_file": str(args.pairs), **counts, **pairs_report(distances, same, folds, config.match.threshold_l2)}
+    report = {"pairs_file": str(args.pairs), "face": args.face, **counts, **pairs_report(distances, same, folds, config.match.threshold_l2)}
     say(f"eval-pairs: {report['pairs']} pairs ({report['genuine_pairs']} same, {report['impostor_pairs']} different), "
          f"{counts['images']} images, {counts['images_without_face']} without a face "
          f"({counts['pairs_without_face']} pairs counted as rejected)")
@@ -545,7 +580,7 @@ def open_set_rates(best: np.ndarray, best_l2: np.ndarray, second_l2: np.ndarray,
 def add_eval_ident_arguments(parser) -> None:
     parser.add_argument("folder", type=Path, metavar="DIR", help="one sub-folder of photos per person")
     parser.add_argument("--enrol-k", type=positive_int, default=1, metavar="K",
-                        help="enrol each person's first K photos (sorted), probe with the rest (default 1)")
+                        help="enrol each person's first K photos (sorted) as one mean template, probe with the rest (default 1)")
     parser.add_argument("--holdout", type=int, default=0, metavar="N",
                         help="also leave the last N people (by name) out of enrolment as impostor probes")
     _add_workers_argument(parser)
@@ -558,13 +593,16 @@ def cmd_eval_ident(args, config: Config) -> int:
     split = split_for_ident(photos_by_person(args.folder), args.enrol_k, args.holdout)
     paths = [p for photos in split.enrol.values() for p in photos] + [p for p, _ in split.probes]
     embeddings = embed_images(paths, config, workers=args.workers, progress=stderr_progress())
-    names, gallery, owners = [], [], []
+    from edge.fuse import fused
+
+    names, gallery, rows = [], [], 0
     for name, photos in split.enrol.items():
         vectors = [embeddings[p] for p in photos if embeddings[p] is not None]
-        if vectors:
-            owners += [len(names)] * len(vectors)
-            gallery += vectors
+        if vectors:  # one template per person, the mean of their photos, as the store matches
+            gallery.append(fused(np.stack(vectors)))
+            rows += len(vectors)
             names.append(name)
+    owners = np.arange(len(names))
     if not names:
         raise InputError(f"{args.folder}: nobody could be enrolled (every person needs more than {args.enrol_k} "
                          "photos, with a face in the first ones)")
@@ -585,7 +623,7 @@ def cmd_eval_ident(args, config: Config) -> int:
     mated = truth >= 0
     report = {
         "folder": str(args.folder), "enrol_k": args.enrol_k, "enrolled_persons": len(names),
-        "enrolled_templates": len(gallery),
+        "enrolled_templates": rows,
         "nonenrolled_persons": sorted({p.parent.name for (p, _), t in zip(split.probes, truth) if t < 0}),
         "mated_probes": int(mated.sum()), "nonmated_probes": int((~mated).sum()),
         "images_without_face": sum(e is None for e in embeddings.values()),
@@ -596,7 +634,7 @@ def cmd_eval_ident(args, config: Config) -> int:
                     "best": names[b] if b >= 0 else None, "distance_l2": _json_number(d), "second_l2": _json_number(s)}
                    for (p, _), t, b, d, s in zip(split.probes, truth, best, best_l2, second_l2)],
     }
-    say(f"eval-ident: {len(names)} people enrolled ({len(gallery)} templates, k={args.enrol_k}), "
+    say(f"eval-ident: {len(names)} people enrolled ({rows} photos, k={args.enrol_k}), "
          f"{report['mated_probes']} enrolled-person probe(s), {report['nonmated_probes']} non-enrolled probe(s) "
          f"({', '.join(report['nonenrolled_persons']) or 'nobody held out'}), "
          f"{report['images_without_face']} images without a face")
