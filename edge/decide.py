@@ -5,9 +5,11 @@ Pure logic, no I/O: `Decider.update(detections, frame_index, t_s)` returns the e
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge.config import DecideConfig
+from edge.liveness import FAIL, LIVENESS_OFF, PASS, LivenessVerdict
 from edge.types import Match
 
 Box = tuple[float, float, float, float]
@@ -27,6 +29,7 @@ class Decision:
     votes: int
     first_frame: int
     box: Box
+    liveness: LivenessVerdict = LIVENESS_OFF
 
 
 @dataclass
@@ -38,6 +41,8 @@ class Track:
     votes: deque = field(default_factory=deque)
     unlocked: set = field(default_factory=set)
     reported_unknown: bool = False
+    reported_not_live: bool = False
+    liveness: LivenessVerdict = LIVENESS_OFF
 
 
 def iou(a: Box, b: Box) -> float:
@@ -92,13 +97,20 @@ class Decider:
         for tid in stale:
             del self.tracks[tid]
 
-    def update(self, detections: list[tuple[Box, Match]], frame: int, t_s: float) -> list[Decision]:
-        """Feed one frame's faces and their matches; returns the unlock/unknown events this frame causes."""
+    def update(
+        self, detections: list[tuple[Box, Match]], frame: int, t_s: float, *,
+        liveness: Callable[[int, int], LivenessVerdict] | None = None,
+    ) -> list[Decision]:
+        """Feed one frame's faces and their matches; returns the unlock/unknown/not_live events this frame causes.
+        `liveness(track_id, detection_index)`, when given, is asked every frame for every face: an unlock then
+        also needs the track's verdict to be `pass`."""
         self._expire(frame)
         tracks = self._assign([box for box, _ in detections], frame)
         decisions = []
-        for track, (_, match) in zip(tracks, detections):
+        for index, (track, (_, match)) in enumerate(zip(tracks, detections)):
             track.votes.append(match.person)
+            if liveness is not None:
+                track.liveness = liveness(track.id, index)
             decision = self._decide(track, match, frame, t_s)
             if decision:
                 decisions.append(decision)
@@ -111,10 +123,13 @@ class Decider:
         if person is not None and votes >= s.votes_needed and match.person == person:
             if person in track.unlocked or t_s - self._last_unlock_s.get(person, float("-inf")) < s.cooldown_s:
                 return None
+            if track.liveness.state not in (PASS, LIVENESS_OFF.state):
+                return self._not_live(track, person, match, frame, t_s, votes)
             track.unlocked.add(person)
             self._last_unlock_s[person] = t_s
             return Decision(
-                "unlock", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes, track.first_frame, track.box
+                "unlock", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes, track.first_frame,
+                track.box, track.liveness,
             )
         unknown_votes = counts.get(None, 0)
         if unknown_votes >= s.votes_needed and match.person is None and not track.reported_unknown:
@@ -123,6 +138,18 @@ class Decider:
             track.reported_unknown = True
             self._last_unknown_s = t_s
             return Decision(
-                "unknown", None, track.id, frame, t_s, match.distance_l2, match.margin_l2, unknown_votes, track.first_frame, track.box
+                "unknown", None, track.id, frame, t_s, match.distance_l2, match.margin_l2, unknown_votes, track.first_frame,
+                track.box, track.liveness,
             )
         return None
+
+    def _not_live(self, track: Track, person: str, match: Match, frame: int, t_s: float, votes: int) -> Decision | None:
+        """A recognised face without liveness: the door stays shut; said once per track, once the verdict is
+        `fail` (a pending track may still pass: it is waited for)."""
+        if track.reported_not_live or track.liveness.state != FAIL:
+            return None
+        track.reported_not_live = True
+        return Decision(
+            "not_live", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes, track.first_frame,
+            track.box, track.liveness,
+        )
