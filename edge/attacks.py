@@ -33,6 +33,8 @@ YAW_DEG, PITCH_DEG, ROLL_DEG = 25.0, 15.0, 6.0  # largest tilts while swaying
 SWAY_M = 0.06  # largest sideways/up-down movement
 CAMERA_NOISE = 2.0  # grey levels of sensor noise added to every frame
 NOISE_FIELDS = 5  # distinct noise images per clip, used in turn (drawing one per frame is slow)
+PICTURE_FACE_PX = 400  # larger photos are first shrunk (area-averaged) so their face is this wide: twice its
+# largest size in a clip, so the camera still resamples a sharp picture without aliasing a huge one
 FOURCC = "mp4v"
 CLIP_SUFFIX = ".mp4"
 
@@ -116,6 +118,10 @@ def noise_fields(rng: np.random.Generator) -> list[np.ndarray]:
 def still_frames(photo: np.ndarray, face_box: tuple, kind: str, seed: int) -> Iterator[np.ndarray]:
     """Frames of a `print` or `screen-still` attack made from one photo whose face is `face_box`."""
     rng = np.random.default_rng(seed)
+    shrink = PICTURE_FACE_PX / (face_box[2] - face_box[0])
+    if shrink < 1.0:
+        photo = cv2.resize(photo, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+        face_box = tuple(v * shrink for v in face_box)
     if kind == "print":
         picture, box = as_print(photo, rng), face_box
     else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from itertools import chain, count
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from edge.config import Config
 from edge.console import emit_json, say
 from edge.errors import InputError
 from edge.images import IMAGE_SUFFIXES, load_image
-from edge.liveness import PASS
+from edge.liveness import PASS, PENDING
 
 ELIGIBLE_FACE_PX = 80
 ELIGIBLE_S = 2.0
@@ -47,10 +48,10 @@ def photos_under(paths: list[Path]) -> list[Path]:
 
 
 def clip_name(path: Path, taken: set[str]) -> str:
-    """A file name for the photo's clips: its stem, prefixed by its folder when two photos share a stem."""
-    name = path.stem
-    if name in taken:
-        name = f"{path.parent.name}-{path.stem}"
+    """A file name for a source's clips: its stem, with its folder's name and then a number added while taken
+    (the same video given twice makes two replays, each with its own hand movement)."""
+    names = chain([path.stem, f"{path.parent.name}-{path.stem}"], (f"{path.stem}-{n}" for n in count(2)))
+    name = next(n for n in names if n not in taken)
     taken.add(name)
     return name
 
@@ -121,6 +122,10 @@ class TrackRecord:
     times_s: list = field(default_factory=list)
     widths_px: list = field(default_factory=list)
     states: list = field(default_factory=list)
+    parallax: list = field(default_factory=list)  # of the judged (pass/fail) frames
+
+    def max_parallax(self) -> float:
+        return max(self.parallax, default=0.0)
 
     def passed_after_s(self) -> float | None:
         return next((t - self.first_t_s for t, s in zip(self.times_s, self.states) if s == PASS), None)
@@ -135,7 +140,7 @@ class TrackRecord:
         return {"track": track, "frames": len(self.states), "duration_s": round(self.times_s[-1] - self.first_t_s, 2),
                 "median_face_px": round(float(np.median(self.widths_px)), 1), "eligible": self.eligible(),
                 "passed": passed is not None, "time_to_pass_s": None if passed is None else round(passed, 2),
-                "final": self.states[-1]}
+                "final": self.states[-1], "max_parallax": round(self.max_parallax(), 4)}
 
 
 def run_clip(config: Config, pipeline, store, uri: str) -> tuple[dict[int, TrackRecord], int]:
@@ -152,6 +157,8 @@ def run_clip(config: Config, pipeline, store, uri: str) -> tuple[dict[int, Track
         entry.times_s.append(frame.t_s)
         entry.widths_px.append(face.width_px)
         entry.states.append(verdict.state)
+        if verdict.state != PENDING:
+            entry.parallax.append(verdict.parallax)
 
     kiosk.liveness.on_verdict = record
     with open_camera(config, uri) as source:
@@ -198,7 +205,8 @@ def evaluate_pad(config: Config, genuine: list[Path], attack_dir: Path | None) -
                     records, frames = run_clip(config, pipeline, store, uri_of(clip))
                     passed = [t for t, r in records.items() if r.passed_after_s() is not None]
                     per_type.setdefault(kind_dir.name, []).append(
-                        {"clip": str(clip), "frames": frames, "tracks": len(records), "accepted": bool(passed)})
+                        {"clip": str(clip), "frames": frames, "tracks": len(records), "accepted": bool(passed),
+                         "max_parallax": round(max((r.max_parallax() for r in records.values()), default=0.0), 4)})
                     say(f"{kind_dir.name} {clip.name}: {len(records)} track(s), "
                         f"{'ACCEPTED' if passed else 'rejected'}")
         tracks = []
@@ -218,7 +226,8 @@ def pad_report(per_type: dict[str, list], tracks: list[dict], config: Config) ->
     attacks_summary = {
         kind: {"clips": len(clips), "with_face": sum(c["tracks"] > 0 for c in clips),
                "accepted": sum(c["accepted"] for c in clips),
-               "apcer_percent": rate(sum(c["accepted"] for c in clips), sum(c["tracks"] > 0 for c in clips))}
+               "apcer_percent": rate(sum(c["accepted"] for c in clips), sum(c["tracks"] > 0 for c in clips)),
+               "max_parallax": max((c["max_parallax"] for c in clips), default=0.0)}
         for kind, clips in per_type.items()
     }
     eligible = [t for t in tracks if t["eligible"]]
@@ -245,7 +254,8 @@ def cmd_eval_pad(args, config: Config) -> int:
     report = evaluate_pad(config, args.genuine or [], args.attacks)
     for kind, summary in report["attacks"].items():
         say(f"eval-pad: {kind}: APCER {summary['apcer_percent']} % ({summary['accepted']} of {summary['with_face']} "
-            f"clips with a face accepted; {summary['clips']} clips)")
+            f"clips with a face accepted; {summary['clips']} clips); highest parallax {summary['max_parallax']} "
+            f"(pass needs {config.liveness.min_parallax})")
     g = report["genuine"]
     say(f"eval-pad: genuine: BPCER {g['bpcer_percent']} % over {g['eligible_tracks']} tracks with {g['eligible_rule']} "
         f"(all {g['tracks']} tracks: {g['bpcer_percent_all_tracks']} %), median time to pass {g['median_time_to_pass_s']} s; "
