@@ -29,7 +29,7 @@ INNER = 0.12  # new points are taken inside the box shrunk by this fraction per 
 LK_WINDOW_PX = 15
 LK_LEVELS = 2
 FB_MAX_PX = 0.5  # forward-backward disagreement (in the face-normalised crop) above which a point is dropped
-CORNER_QUALITY = 0.01
+CORNER_QUALITY = 0.03
 CORNER_MIN_DISTANCE_PX = 4
 MIN_PAIRED_POINTS = 12  # fewer points in common with a keyframe: no homography is fitted
 RANSAC_FACE_FRACTION = 0.008  # RANSAC inlier distance, as a fraction of the face width
@@ -59,6 +59,8 @@ class Keyframe:
     t_s: float
     ids: np.ndarray
     points: np.ndarray  # full-frame pixel coordinates, (N, 2) float32
+    grey: np.ndarray  # the face crop the points were seen in
+    geometry: tuple  # how that crop was cut and scaled (crop_geometry)
     residual: float | None = None  # median off-homography residual since the previous keyframe / face width
     motion: float = 0.0  # median point displacement since the previous keyframe / face width
 
@@ -97,16 +99,40 @@ def grey_crop(image: np.ndarray, geometry: tuple) -> np.ndarray:
     return crop
 
 
-def planar_residual(source: np.ndarray, target: np.ndarray, ransac_px: float) -> float | None:
-    """Median distance of the target points from the best homography's image of the source points; None when
-    no homography can be fitted (too few or degenerate points)."""
+def crop_matrix(geometry: tuple) -> np.ndarray:
+    """Full-frame pixels → pixels of the crop made with `geometry`."""
+    x0, y0, _, _, scale = geometry
+    return np.array([[scale, 0, -scale * x0], [0, scale, -scale * y0], [0, 0, 1]])
+
+
+def planar_residual(before: Keyframe, now: Keyframe, source: np.ndarray, target: np.ndarray,
+                    ransac_px: float) -> float | None:
+    """Median off-plane displacement in full-frame pixels between two keyframes (plane + parallax): fit the
+    homography of the points both share, warp the earlier crop by it onto the later one, and measure by optical
+    flow how far each point's patch still is from where a plane would have put it. After the warp the patches
+    are aligned, so a tilting picture leaves no residual however fast it moves; depth does. None when no
+    homography can be fitted."""
     if len(source) < MIN_PAIRED_POINTS:
         return None
     homography, _ = cv2.findHomography(source, target, cv2.RANSAC, ransac_px)
     if homography is None:
         return None
-    mapped = cv2.perspectiveTransform(source.reshape(-1, 1, 2).astype(np.float64), homography).reshape(-1, 2)
-    return float(np.median(np.linalg.norm(mapped - target, axis=1)))
+    to_now = crop_matrix(now.geometry)
+    in_crop = to_now @ homography @ np.linalg.inv(crop_matrix(before.geometry))
+    height, width = now.grey.shape
+    warped = cv2.warpPerspective(before.grey, in_crop, (width, height), flags=cv2.INTER_LINEAR)
+    planar = cv2.perspectiveTransform(target.reshape(-1, 1, 2).astype(np.float64), to_now).astype(np.float32)
+    inside = np.all((planar[:, 0] >= LK_WINDOW_PX) & (planar[:, 0] < [width - LK_WINDOW_PX, height - LK_WINDOW_PX]),
+                    axis=1)
+    if inside.sum() < MIN_PAIRED_POINTS:
+        return None
+    start = planar[inside]
+    found_at, found, _ = cv2.calcOpticalFlowPyrLK(warped, now.grey, start, None, winSize=(LK_WINDOW_PX, LK_WINDOW_PX),
+                                                  maxLevel=1)
+    ok = found.ravel().astype(bool)
+    if ok.sum() < MIN_PAIRED_POINTS:
+        return None
+    return float(np.median(np.linalg.norm((found_at - start).reshape(-1, 2)[ok], axis=1))) / now.geometry[4]
 
 
 class Liveness:
@@ -137,7 +163,7 @@ class Liveness:
             self._add_points(state, current, face.box, geometry)
         state.image, state.box = frame.image, face.box
         if not state.keyframes or frame.t_s - state.keyframes[-1].t_s >= s.keyframe_s - KEYFRAME_SLACK_S:
-            state.keyframes.append(self._keyframe(state, frame.t_s, face.width_px))
+            state.keyframes.append(self._keyframe(state, frame.t_s, face.width_px, current, geometry))
         while state.keyframes and frame.t_s - state.keyframes[0].t_s > s.window_s:
             state.keyframes.popleft()
         state.verdict = self._judge(state, frame.t_s)
@@ -145,15 +171,15 @@ class Liveness:
             self.on_verdict(track_id, frame, face, state.verdict)
         return state.verdict
 
-    def _keyframe(self, state: TrackState, t_s: float, width_px: float) -> Keyframe:
+    def _keyframe(self, state: TrackState, t_s: float, width_px: float, grey: np.ndarray, geometry: tuple) -> Keyframe:
         """This frame's points, with the planar residual and motion (fractions of the face width) since the
         previous keyframe, measured on the points both share."""
-        key = Keyframe(t_s, state.ids.copy(), state.points.copy())
+        key = Keyframe(t_s, state.ids.copy(), state.points.copy(), grey, geometry)
         if state.keyframes:
             before = state.keyframes[-1]
             _, in_before, in_now = np.intersect1d(before.ids, key.ids, return_indices=True)
             source, target = before.points[in_before], key.points[in_now]
-            residual = planar_residual(source, target, RANSAC_FACE_FRACTION * width_px)
+            residual = planar_residual(before, key, source, target, RANSAC_FACE_FRACTION * width_px)
             if residual is not None:
                 key.residual = residual / width_px
                 key.motion = float(np.median(np.linalg.norm(target - source, axis=1))) / width_px

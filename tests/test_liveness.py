@@ -28,9 +28,9 @@ PHOTOS = ROOT / "samples" / "photos"
 FPS = 25.0
 SIZE_PX = 400
 FOCAL_PX = 500.0
-DISTANCE_M, HEAD_RADIUS_M, METRES_PER_TEXEL = 0.6, 0.09, 0.0006
-TURN_DEG_PER_S = 120.0  # a brisk head turn: the sphere's parallax must clear the threshold twice over
-FACE_BOX = (125.0, 125.0, 275.0, 275.0)  # the sphere's outline: 150 px wide
+DISTANCE_M, HEAD_RADIUS_M, METRES_PER_TEXEL = 0.4, 0.09, 0.0006
+TURN_DEG_PER_S = 90.0  # a brisk head turn; a smooth sphere has less relief than a face (no nose), so it is brisk
+FACE_BOX = (88.0, 88.0, 312.0, 312.0)  # the sphere's outline: 224 px wide
 
 
 def texture(seed: int, size: int) -> np.ndarray:
