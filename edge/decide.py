@@ -41,7 +41,7 @@ class Track:
     votes: deque = field(default_factory=deque)
     unlocked: set = field(default_factory=set)
     reported_unknown: bool = False
-    reported_not_live: bool = False
+    reported_liveness_fail: bool = False
     liveness: LivenessVerdict = LIVENESS_OFF
 
 
@@ -101,7 +101,7 @@ class Decider:
         self, detections: list[tuple[Box, Match]], frame: int, t_s: float, *,
         liveness: Callable[[int, int], LivenessVerdict] | None = None,
     ) -> list[Decision]:
-        """Feed one frame's faces and their matches; returns the unlock/unknown/not_live events this frame causes.
+        """Feed one frame's faces and their matches; returns the unlock/unknown/liveness_fail events this frame causes.
         `liveness(track_id, detection_index)`, when given, is asked every frame for every face: an unlock then
         also needs the track's verdict to be `pass`."""
         self._expire(frame)
@@ -124,7 +124,7 @@ class Decider:
             if person in track.unlocked or t_s - self._last_unlock_s.get(person, float("-inf")) < s.cooldown_s:
                 return None
             if track.liveness.state not in (PASS, LIVENESS_OFF.state):
-                return self._not_live(track, person, match, frame, t_s, votes)
+                return self._liveness_fail(track, person, match, frame, t_s, votes)
             track.unlocked.add(person)
             self._last_unlock_s[person] = t_s
             return Decision(
@@ -143,13 +143,13 @@ class Decider:
             )
         return None
 
-    def _not_live(self, track: Track, person: str, match: Match, frame: int, t_s: float, votes: int) -> Decision | None:
+    def _liveness_fail(self, track: Track, person: str, match: Match, frame: int, t_s: float, votes: int) -> Decision | None:
         """A recognised face without liveness: the door stays shut; said once per track, once the verdict is
         `fail` (a pending track may still pass: it is waited for)."""
-        if track.reported_not_live or track.liveness.state != FAIL:
+        if track.reported_liveness_fail or track.liveness.state != FAIL:
             return None
-        track.reported_not_live = True
+        track.reported_liveness_fail = True
         return Decision(
-            "not_live", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes, track.first_frame,
+            "liveness_fail", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes, track.first_frame,
             track.box, track.liveness,
         )

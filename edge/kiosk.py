@@ -106,7 +106,7 @@ class Kiosk:
                 log.info("event=store_reloaded people=%d", len(self.store))
 
     def step(self, frame: Frame) -> list[dict]:
-        """Process one frame; returns the events it caused (unlock, unknown, not_live, enrolled, enroll_refused)."""
+        """Process one frame; returns the events it caused (unlock, unknown, liveness_fail, enrolled, enroll_refused)."""
         if frame.index in self.press_button_at:
             self.press_button()
         self._frame_wall[frame.index] = self.clock()

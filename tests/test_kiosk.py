@@ -139,7 +139,7 @@ def test_video_decisions_are_in_the_audit_log(video):
         rows = log.rows()
     finally:
         log.close()
-    decisions = [e for run in (video.first, video.second) for e in run.events if e["event"] in ("unlock", "unknown", "not_live")]
+    decisions = [e for run in (video.first, video.second) for e in run.events if e["event"] in ("unlock", "unknown", "liveness_fail")]
     assert [(r["event"], r["person"], r["frame"]) for r in rows] == [
         (e["event"], e["person"], e["frame"]) for e in decisions]
     assert [r["door_action"] for r in rows] == ["pulse" if e["event"] == "unlock" else "none" for e in decisions]

@@ -130,7 +130,7 @@ def test_unlock_waits_for_liveness_on_the_same_track():
 
 def test_a_failed_liveness_is_reported_once_and_keeps_the_door_shut():
     events = gated([FAIL] * 10)
-    assert [(e.event, e.person, e.frame, e.liveness.state) for e in events] == [("not_live", "ann", 2, FAIL)]
+    assert [(e.event, e.person, e.frame, e.liveness.state) for e in events] == [("liveness_fail", "ann", 2, FAIL)]
 
 
 def test_without_a_liveness_check_the_vote_alone_unlocks():
@@ -153,7 +153,7 @@ def test_audit_rows_carry_the_verdict_and_old_logs_gain_the_columns(tmp_path):
     log.record(decision, door_action="none", t_unix=2.0)
     rows = log.rows()
     log.close()
-    assert [(r["event"], r["liveness"]) for r in rows] == [("unlock", None), ("not_live", FAIL)]
+    assert [(r["event"], r["liveness"]) for r in rows] == [("unlock", None), ("liveness_fail", FAIL)]
     assert json.loads(rows[1]["liveness_evidence"]).keys() == {"parallax", "motion", "points", "evidence_s"}
 
 
@@ -210,7 +210,7 @@ def test_a_print_of_an_enrolled_person_opens_only_without_liveness(attack_clips,
     assert [e["person"] for e in without if e["event"] == "unlock"] == ["obama"], "the attack is a real threat"
     events = run_events(clip, enrolled_store, tmp_path)
     assert [e for e in events if e["event"] == "unlock"] == []
-    [refused] = [e for e in events if e["event"] == "not_live"]
+    [refused] = [e for e in events if e["event"] == "liveness_fail"]
     assert refused["person"] == "obama" and refused["liveness"] == FAIL and refused["door"] == "none"
     assert refused["liveness_evidence"]["parallax"] < LivenessConfig().min_parallax
 
