@@ -163,6 +163,8 @@ def run_clip(config: Config, pipeline, store, uri: str) -> tuple[dict[int, Track
     kiosk.liveness.on_verdict = record
     with open_camera(config, uri) as source:
         frames = kiosk.run(source)
+        if source.status != "ended":  # the loop stopped on SIGINT/SIGTERM: so does the evaluation
+            raise KeyboardInterrupt
     return records, frames
 
 
