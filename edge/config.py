@@ -152,6 +152,7 @@ class LivenessConfig(Section):
     window_s: float = Field(2.0, ge=0.2, le=30.0, description="evidence older than this is forgotten (a swapped-in photo cannot inherit it)")
     min_parallax: float = Field(0.006, ge=0.0, le=1.0, description="median off-homography residual / face width needed to pass")
     min_motion: float = Field(0.02, ge=0.0, le=1.0, description="a keyframe step counts when the face moved this much (fraction of its width)")
+    max_motion: float = Field(0.55, ge=0.0, le=10.0, description="faster steps (fraction of the face width) are tracking jumps between faces, not evidence")
     keyframe_s: float = Field(0.2, ge=0.02, le=5.0, description="the planar fit is measured between points this far apart in time")
     min_pairs: int = Field(3, ge=1, le=100, description="moving keyframe steps needed in the window before pass or fail")
     max_points: int = Field(60, ge=16, le=500, description="corner points followed per face")

@@ -220,7 +220,8 @@ class Liveness:
     def _judge(self, state: TrackState, t_s: float) -> LivenessVerdict:
         """Median planar residual of the moving keyframe pairs in the window: pending until `min_pairs` of them."""
         s = self.settings
-        moving = [key for key in state.keyframes if key.motion >= s.min_motion and key.residual is not None]
+        moving = [key for key in state.keyframes
+                  if s.min_motion <= key.motion <= s.max_motion and key.residual is not None]
         if len(moving) < s.min_pairs:
             return LivenessVerdict(PENDING, points=len(state.ids))
         parallax = float(np.median([key.residual for key in moving]))
