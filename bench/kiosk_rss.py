@@ -3,7 +3,7 @@ played in a loop for 1000 frames (full 1920×1080 frames, the heavier case), wit
 enrolment, unlock and audit paths run too. Prints peak RSS (getrusage) and current RSS, fps and the median step.
 
 Goal: RSS ≤ 300 MB after 1000 frames; printed here, never asserted in a timed test.
-Usage: python bench/kiosk_rss.py [--frames 1000] [--people ../shared/data/people/train]
+Usage: python bench/kiosk_rss.py [--frames 1000] [--people ../shared/data/people/train] [--no-liveness]
 """
 from __future__ import annotations
 
@@ -90,8 +90,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=1000)
     parser.add_argument("--people", type=Path, default=PEOPLE, help="folder per person to enrol first (if present)")
+    parser.add_argument("--no-liveness", action="store_true", help="liveness.mode off, to measure what liveness costs")
     args = parser.parse_args()
-    config = Config()
+    config = Config.model_validate({"liveness": {"mode": "off"}} if args.no_liveness else {})
     pipeline = Pipeline(config)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.open(Path(tmp) / "store.edgestore", fingerprint=pipeline.embedder.fingerprint)

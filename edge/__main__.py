@@ -479,7 +479,8 @@ def cmd_log(args, config: Config) -> int:
     for row in rows:
         when = datetime.fromtimestamp(row["t_unix"]).isoformat(timespec="seconds")
         distance = "-" if row["distance_l2"] is None else f"{row['distance_l2']:.3f}"  # none for a remote unlock
-        say(f"{when}  {row['event']:<8} {row['person'] or '-':<24} distance {distance}  door {row['door_action']}")
+        say(f"{when}  {row['event']:<8} {row['person'] or '-':<24} distance {distance}  door {row['door_action']}  "
+            f"liveness {row['liveness'] or '-'}")
     say(f"{len(rows)} decision(s)")
     if args.json:
         emit_json({"decisions": rows})
@@ -618,6 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     templates.add_eval_templates_arguments(p)
     p = command("calibrate", evaluate.cmd_calibrate, "recommend match.threshold_l2 for a target FAR (--write: into --config)")
     evaluate.add_calibrate_arguments(p)
+    from edge import pad
+
+    p = command("make-attacks", pad.cmd_make_attacks, "presentation-attack clips (print, screen-still, replay) from photos/videos")
+    pad.add_make_attacks_arguments(p)
+    p = command("eval-pad", pad.cmd_eval_pad, "liveness: APCER per attack type, BPCER per genuine track, time to pass")
+    pad.add_eval_pad_arguments(p)
     p = store_command("identify", cmd_identify, "who is in this photo? (exit 1: nobody known)")
     p.add_argument("image", type=Path, metavar="IMG")
     p = store_command("run", cmd_run, "run the door controller (camera → recognition → relay)")

@@ -1,6 +1,7 @@
 """Append-only decision log in SQLite (one row per door decision) with optional face snapshots and retention."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sqlite3
@@ -30,15 +31,18 @@ CREATE TABLE IF NOT EXISTS decisions (
     votes INTEGER,
     door_action TEXT,
     snapshot TEXT,
-    person_id TEXT
+    person_id TEXT,
+    liveness TEXT,
+    liveness_evidence TEXT
 );
 CREATE INDEX IF NOT EXISTS decisions_time ON decisions (t_unix);
 """
-# Logs written before rows carried the person id gain the column (NULL in their old rows) when opened.
-ADD_PERSON_ID = "ALTER TABLE decisions ADD COLUMN person_id TEXT"
+# Logs written before rows carried the person id or the liveness verdict gain those columns (NULL in their old
+# rows) when opened.
+ADDED_COLUMNS = {"person_id": "TEXT", "liveness": "TEXT", "liveness_evidence": "TEXT"}
 PERSON_ID_INDEX = "CREATE INDEX IF NOT EXISTS decisions_person_id ON decisions (person_id)"
 COLUMNS = ("id", "t_unix", "event", "person", "track", "frame", "distance_l2", "margin_l2", "votes", "door_action", "snapshot",
-           "person_id")
+           "person_id", "liveness", "liveness_evidence")
 JPEG_SUFFIX = ".jpg"
 
 
@@ -63,8 +67,10 @@ class AuditLog:
                 open_private(self.path, "ab").close()  # private before SQLite writes a byte
                 db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
                 db.executescript(SCHEMA)
-                if "person_id" not in {row[1] for row in db.execute("PRAGMA table_info(decisions)")}:
-                    db.execute(ADD_PERSON_ID)
+                present = {row[1] for row in db.execute("PRAGMA table_info(decisions)")}
+                for name, kind in ADDED_COLUMNS.items():
+                    if name not in present:
+                        db.execute(f"ALTER TABLE decisions ADD COLUMN {name} {kind}")
                 db.execute(PERSON_ID_INDEX)
                 self._db = db
             except (sqlite3.Error, OSError) as err:
@@ -85,12 +91,11 @@ class AuditLog:
             except (OSError, cv2.error) as err:
                 log.warning("audit_snapshot_failed dir=%s error=%s", self.snapshot_dir, first_line(err))
         cursor = self._connect().execute(
-            "INSERT INTO decisions (t_unix, event, person, track, frame, distance_l2, margin_l2, votes, door_action, snapshot,"
-            " person_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO decisions ({', '.join(COLUMNS[1:])}) VALUES ({', '.join('?' * (len(COLUMNS) - 1))})",
             (
                 t_unix, decision.event, decision.person, decision.track, decision.frame,
                 float(decision.distance_l2), float(decision.margin_l2), decision.votes, door_action, snapshot_path,
-                person_id,
+                person_id, decision.liveness.state, json.dumps(decision.liveness.evidence()),
             ),
         )
         return int(cursor.lastrowid)

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge.errors import ConfigError, first_line
 
@@ -175,6 +175,26 @@ class ImagesConfig(Section):
     )
 
 
+class LivenessConfig(Section):
+    mode: Literal["off", "parallax"] = Field(
+        "parallax", description="off, or parallax: an unlock also needs the track's face to show depth (README, Liveness)"
+    )
+    window_s: float = Field(2.0, ge=0.2, le=30.0, description="evidence older than this is forgotten (a swapped-in photo cannot inherit it)")
+    min_parallax: float = Field(0.006, ge=0.0, le=1.0, description="median off-homography residual / face width needed to pass")
+    min_motion: float = Field(0.02, ge=0.0, le=1.0, description="a keyframe step counts when the face moved this much (fraction of its width)")
+    max_motion: float = Field(0.55, ge=0.0, le=10.0, description="faster steps (fraction of the face width) are tracking jumps between faces, not evidence")
+    keyframe_s: float = Field(0.2, ge=0.02, le=5.0, description="the planar fit is measured between points this far apart in time")
+    min_pairs: int = Field(3, ge=1, le=100, description="moving keyframe steps needed in the window before pass or fail")
+    max_points: int = Field(60, ge=16, le=500, description="corner points followed per face")
+    work_px: int = Field(120, ge=40, le=400, description="faces are tracked at this width (larger faces are downscaled)")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        """YAML reads a bare `off` as false: `mode: off` means what it says."""
+        return "off" if value is False else value
+
+
 class Config(Section):
     models_dir: Path | None = Field(None, description="model folder (default: $EDGE_MODELS_DIR or ./models)")
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="face detector settings")
@@ -188,6 +208,7 @@ class Config(Section):
     camera: CameraConfig = Field(default_factory=CameraConfig, description="camera source")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker and Home Assistant discovery")
     images: ImagesConfig = Field(default_factory=ImagesConfig, description="limits on photos read from files")
+    liveness: LivenessConfig = Field(default_factory=LivenessConfig, description="presentation-attack detection (photos, screens)")
 
     def resolved_models_dir(self) -> Path:
         from engines.fetch import default_models_dir

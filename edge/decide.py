@@ -7,10 +7,12 @@ then `decide(tracks, matches, frame, t_s)` (a match of None: no frame of the tra
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edge.config import DecideConfig
 from edge.fuse import TrackTemplate
+from edge.liveness import FAIL, LIVENESS_OFF, PASS, LivenessVerdict
 from edge.types import Match
 
 Box = tuple[float, float, float, float]
@@ -30,6 +32,7 @@ class Decision:
     votes: int
     first_frame: int
     box: Box
+    liveness: LivenessVerdict = LIVENESS_OFF
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Track:
     unlocked: set = field(default_factory=set)
     reported_unknown: bool = False
     template: TrackTemplate | None = None
+    reported_liveness_fail: bool = False
+    liveness: LivenessVerdict = LIVENESS_OFF
 
 
 def iou(a: Box, b: Box) -> float:
@@ -97,20 +102,30 @@ class Decider:
         for tid in stale:
             del self.tracks[tid]
 
-    def update(self, detections: list[tuple[Box, Match]], frame: int, t_s: float) -> list[Decision]:
-        """Feed one frame's faces and their matches; returns the unlock/unknown events this frame causes."""
+    def update(
+        self, detections: list[tuple[Box, Match]], frame: int, t_s: float, *,
+        liveness: Callable[[int, int], LivenessVerdict] | None = None,
+    ) -> list[Decision]:
+        """Feed one frame's faces and their matches; returns the events this frame causes (see decide)."""
         tracks = self.track([box for box, _ in detections], frame)
-        return self.decide(tracks, [match for _, match in detections], frame, t_s)
+        return self.decide(tracks, [match for _, match in detections], frame, t_s, liveness=liveness)
 
     def track(self, boxes: list[Box], frame: int) -> list[Track]:
         """The track of each box (continued by overlap, else new); tracks unseen for too long end first."""
         self._expire(frame)
         return self._assign(boxes, frame)
 
-    def decide(self, tracks: list[Track], matches: list[Match | None], frame: int, t_s: float) -> list[Decision]:
-        """Each track's match this frame is its vote; returns the unlock/unknown events this frame causes."""
+    def decide(
+        self, tracks: list[Track], matches: list[Match | None], frame: int, t_s: float, *,
+        liveness: Callable[[int, int], LivenessVerdict] | None = None,
+    ) -> list[Decision]:
+        """Each track's match this frame is its vote; returns the unlock/unknown/liveness_fail events this frame
+        causes. `liveness(track_id, detection_index)`, when given, is asked every frame for every face (a track
+        without a vote yet too): an unlock then also needs the track's verdict to be `pass`."""
         decisions = []
-        for track, match in zip(tracks, matches):
+        for index, (track, match) in enumerate(zip(tracks, matches)):
+            if liveness is not None:
+                track.liveness = liveness(track.id, index)
             if match is None:
                 continue
             track.votes.append(match.person)
@@ -126,10 +141,13 @@ class Decider:
         if person is not None and votes >= s.votes_needed and match.person == person:
             if person in track.unlocked or t_s - self._last_unlock_s.get(person, float("-inf")) < s.cooldown_s:
                 return None
+            if track.liveness.state not in (PASS, LIVENESS_OFF.state):
+                return self._liveness_fail(track, person, match, frame, t_s, votes)
             track.unlocked.add(person)
             self._last_unlock_s[person] = t_s
             return Decision(
-                "unlock", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes, track.first_frame, track.box
+                "unlock", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes, track.first_frame,
+                track.box, track.liveness,
             )
         unknown_votes = counts.get(None, 0)
         if unknown_votes >= s.votes_needed and match.person is None and not track.reported_unknown:
@@ -138,6 +156,18 @@ class Decider:
             track.reported_unknown = True
             self._last_unknown_s = t_s
             return Decision(
-                "unknown", None, track.id, frame, t_s, match.distance_l2, match.margin_l2, unknown_votes, track.first_frame, track.box
+                "unknown", None, track.id, frame, t_s, match.distance_l2, match.margin_l2, unknown_votes, track.first_frame,
+                track.box, track.liveness,
             )
         return None
+
+    def _liveness_fail(self, track: Track, person: str, match: Match, frame: int, t_s: float, votes: int) -> Decision | None:
+        """A recognised face without liveness: the door stays shut; said once per track, once the verdict is
+        `fail` (a pending track may still pass: it is waited for)."""
+        if track.reported_liveness_fail or track.liveness.state != FAIL:
+            return None
+        track.reported_liveness_fail = True
+        return Decision(
+            "liveness_fail", person, track.id, frame, t_s, match.distance_l2, match.margin_l2, votes, track.first_frame,
+            track.box, track.liveness,
+        )

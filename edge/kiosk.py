@@ -19,6 +19,7 @@ from edge.config import Config
 from edge.decide import Decider, Decision
 from edge.errors import StoreError, first_line
 from edge.fuse import face_weight
+from edge.liveness import Liveness
 from edge.quality import quality_problem, quality_score
 from edge.sdnotify import Notifier
 from edge.types import EmbeddedFace, Frame, Match
@@ -76,6 +77,7 @@ class Kiosk:
         self.emit = emit or (lambda event: None)
         self.clock = clock
         self.decider = Decider(config.decide)
+        self.liveness = Liveness(config.liveness) if config.liveness.mode != "off" else None
         self._button = threading.Event()
         self._capture_left = 0
         self._candidates: list[EmbeddedFace] = []
@@ -109,7 +111,7 @@ class Kiosk:
                 log.info("event=store_reloaded people=%d", len(self.store))
 
     def step(self, frame: Frame) -> list[dict]:
-        """Process one frame; returns the events it caused (unlock, unknown, enrolled, enroll_refused)."""
+        """Process one frame; returns the events it caused (unlock, unknown, liveness_fail, enrolled, enroll_refused)."""
         if frame.index in self.press_button_at:
             self.press_button()
         self._frame_wall[frame.index] = self.clock()
@@ -122,8 +124,11 @@ class Kiosk:
         if any(m is not None and m.person in self.config.enroll.admins for m in matches):
             self._admin_seen_s = frame.t_s
         events = self._enrolment(frame, faces)
-        for decision in self.decider.decide(self._tracks, matches, frame.index, frame.t_s):
+        live = None if self.liveness is None else (lambda track, i: self.liveness.observe(track, frame, faces[i].face))
+        for decision in self.decider.decide(self._tracks, matches, frame.index, frame.t_s, liveness=live):
             events.append(self._act(decision, frame, faces))
+        if self.liveness is not None:
+            self.liveness.keep(self.decider.tracks)
         return events
 
     def _fused_matches(self, faces: list[EmbeddedFace], frame_index: int) -> list[Match | None]:
@@ -164,7 +169,8 @@ class Kiosk:
         event = self._event(
             decision.event, frame, person=decision.person, person_id=person_id,
             distance_l2=round(decision.distance_l2, 4), margin_l2=round(decision.margin_l2, 4), track=decision.track,
-            votes=decision.votes, door=door_action, **latency, **audit,
+            votes=decision.votes, door=door_action, liveness=decision.liveness.state,
+            liveness_evidence=decision.liveness.evidence(), **latency, **audit,
         )
         if decision.event == "unlock" and self.config.enroll.auto_update:
             self._auto_update(decision, frame)

@@ -49,6 +49,11 @@ FPS = 25.0
 CLI_TIMEOUT_S = 120
 
 NOBODY, ALICE, CAROL, CRASH = 0, 1, 3, 255
+# The fakes' frames are flat single-colour images and the real-pipeline store test feeds one photo again and again:
+# there is no face to show depth, so liveness (tested in test_liveness.py) is switched off where those frames
+# are meant to unlock.
+NO_LIVENESS = {"liveness": {"mode": "off"}}
+FAKES_CONFIG = Config.model_validate(NO_LIVENESS)
 FRONTAL_LANDMARKS = np.array([[160, 60], [130, 60], [70, 60], [100, 60], [115, 110]], np.float64)
 SHARP_CHIP = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)
 
@@ -119,6 +124,7 @@ def test_enrolled_person_unlocks_exactly_once_on_a_later_run(video):
     assert all(EVENT_KEYS <= e.keys() for e in events), events
     [unlock] = of(events, "unlock")
     assert unlock["person"] == name
+    assert unlock["liveness"] == "pass", "the real walk toward the camera is a live face (liveness on by default)"
     assert unlock["latency_ms"] > 0
     assert unlock["frames_to_decide"] >= Config().decide.votes_needed
     fps = float(video.second.summary["fps"])
@@ -133,7 +139,7 @@ def test_video_decisions_are_in_the_audit_log(video):
         rows = log.rows()
     finally:
         log.close()
-    decisions = [e for run in (video.first, video.second) for e in run.events if e["event"] in ("unlock", "unknown")]
+    decisions = [e for run in (video.first, video.second) for e in run.events if e["event"] in ("unlock", "unknown", "liveness_fail")]
     assert [(r["event"], r["person"], r["frame"]) for r in rows] == [
         (e["event"], e["person"], e["frame"]) for e in decisions]
     assert [r["door_action"] for r in rows] == ["pulse" if e["event"] == "unlock" else "none" for e in decisions]
@@ -291,7 +297,7 @@ def make_kiosk(store, door, *, config: Config | None = None, audit=None, press_b
         if on_event is not None:
             on_event(event)
 
-    kiosk = Kiosk(config=config or Config(), pipeline=FakePipeline(), store=store, door=door, audit=audit, emit=emit,
+    kiosk = Kiosk(config=config or FAKES_CONFIG, pipeline=FakePipeline(), store=store, door=door, audit=audit, emit=emit,
                   press_button_at=set(press_button_at))
     return kiosk, events
 
@@ -462,7 +468,7 @@ def test_cli_enrolment_is_picked_up_by_a_running_kiosk(real_pipeline, tmp_path, 
     monkeypatch.setattr(edge.kiosk, "STORE_CHECK_S", 0.0)
     path = tmp_path / "store.edgestore"
     store = Store.open(path, fingerprint=real_pipeline.embedder.fingerprint)
-    kiosk = Kiosk(config=Config(), pipeline=real_pipeline, store=store, door=SimulatedDoor())
+    kiosk = Kiosk(config=FAKES_CONFIG, pipeline=real_pipeline, store=store, door=SimulatedDoor())
     image = load_image(ROOT / "samples" / "photos" / "obama2.jpg")
     before = [e for i in range(3) for e in kiosk.step(Frame(image, i, i / FPS))]
     assert names(before) == ["unknown"]
@@ -477,7 +483,7 @@ def test_cli_enrolment_is_picked_up_by_a_running_kiosk(real_pipeline, tmp_path, 
 
 ADMIN_WINDOW_S = 5.0
 ADMIN_CONFIG = Config.model_validate(
-    {"enroll": {"admins": ["alice"], "admin_window_s": ADMIN_WINDOW_S, "capture_frames": 3}})
+    {"enroll": {"admins": ["alice"], "admin_window_s": ADMIN_WINDOW_S, "capture_frames": 3}, **NO_LIVENESS})
 
 
 def run_steps(kiosk: Kiosk, stream: list[Frame]) -> list[dict]:
@@ -526,7 +532,7 @@ def test_two_button_enrolments_in_the_same_second_get_distinct_names(store, monk
 
     monkeypatch.setattr(edge.kiosk, "datetime", FrozenClock)
     bob = 2
-    config = Config.model_validate({"enroll": {"capture_frames": 3}})
+    config = Config.model_validate({"enroll": {"capture_frames": 3}, **NO_LIVENESS})
     kiosk, events = make_kiosk(store, SimulatedDoor(), config=config, press_button_at={1, 5})
     run_steps(kiosk, frames([CAROL] * 4) + frames([bob] * 4, start_index=4, start_s=4 / FPS))
     assert [e["person"] for e in of(events, "enrolled")] == ["person-20261125-120000", "person-20261125-120000-2"]
@@ -540,7 +546,7 @@ def test_two_button_enrolments_in_the_same_second_get_distinct_names(store, monk
     ([NOBODY] * 4, "no face good enough (size, sharpness, frontal)"),
 ], ids=["already_enrolled", "no_good_face"])
 def test_button_press_in_set_up_mode_refuses_duplicates_and_poor_faces(store, codes, reason):
-    config = Config.model_validate({"enroll": {"capture_frames": 3}})
+    config = Config.model_validate({"enroll": {"capture_frames": 3}, **NO_LIVENESS})
     assert config.enroll.admins == [], "no admins configured: anyone may press"
     kiosk, events = make_kiosk(store, SimulatedDoor(), config=config, press_button_at={1})
     run_steps(kiosk, frames(codes))

@@ -16,7 +16,8 @@ import pytest
 from conftest import wait_until
 from test_door import BUZZER, LED, LONG_PULSE_S, RELAY, SHORT_PULSE_S, FakeClock, factory, make_door  # noqa: F401
 from test_kiosk import (  # noqa: F401  (store: a fixture, alice enrolled)
-    ALICE, CAROL, CRASH, LOST, NOBODY, READ_ERROR, FakeNotifier, FakePipeline, ScriptedSource, frames, store,
+    ALICE, CAROL, CRASH, FAKES_CONFIG, LOST, NO_LIVENESS, NOBODY, READ_ERROR, FakeNotifier, FakePipeline, ScriptedSource,
+    frames, store,
 )
 
 from edge.config import Config, DoorConfig
@@ -72,7 +73,7 @@ def kiosk_with(store, door: RecordingDoor, *, config: Config | None = None, pres
         if emit_fails and event["event"] == "unlock":
             raise BrokenPipeError(32, "Broken pipe")
 
-    return Kiosk(config=config or Config(), pipeline=FakePipeline(), store=store, door=door, emit=emit,
+    return Kiosk(config=config or FAKES_CONFIG, pipeline=FakePipeline(), store=store, door=door, emit=emit,
                  press_button_at=set(press_button_at))
 
 
@@ -80,7 +81,7 @@ def test_one_pulse_per_unlock_and_none_for_unknown_or_enrolment(store):
     """alice unlocks; carol is unknown, is enrolled by the button (set-up mode), then unlocks: two pulses, in place."""
     log: list[str] = []
     door = RecordingDoor(log)
-    config = Config.model_validate({"enroll": {"capture_frames": 3}})
+    config = Config.model_validate({"enroll": {"capture_frames": 3}, **NO_LIVENESS})
     stream = frames([ALICE] * 4 + [NOBODY] * 7 + [CAROL] * 12)
     kiosk = kiosk_with(store, door, config=config, press_button_at={15})
     events = [event for frame in stream for event in kiosk.step(frame)]

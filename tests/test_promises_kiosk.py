@@ -7,7 +7,7 @@ import signal
 
 import pytest
 from test_kiosk import (  # noqa: F401  (store: a fixture, alice enrolled)
-    ALICE, CAROL, LOST, NOBODY, FakeNotifier, FakePipeline, ScriptedSource, embedding_of, frames, store,
+    ALICE, CAROL, LOST, NOBODY, FakeNotifier, FakePipeline, ScriptedSource, embedding_of, frames, store, FAKES_CONFIG, NO_LIVENESS,
 )
 
 import edge.store
@@ -29,7 +29,7 @@ class HandClock:
 
 def kiosk_on(store, clock: HandClock, *, config: Config | None = None, press_button_at=()) -> tuple[Kiosk, list]:
     events: list[dict] = []
-    kiosk = Kiosk(config=config or Config(), pipeline=FakePipeline(), store=store, door=SimulatedDoor(),
+    kiosk = Kiosk(config=config or FAKES_CONFIG, pipeline=FakePipeline(), store=store, door=SimulatedDoor(),
                   emit=events.append, clock=clock, press_button_at=set(press_button_at))
     return kiosk, events
 
@@ -112,7 +112,7 @@ def test_button_enrolment_that_cannot_be_saved_is_refused_with_the_reason(store,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(edge.store, "_write_atomically", disk_full)
-    config = Config.model_validate({"enroll": {"capture_frames": 2}})
+    config = Config.model_validate({"enroll": {"capture_frames": 2}, **NO_LIVENESS})
     kiosk, events = kiosk_on(store, HandClock(), config=config, press_button_at={0})
     for frame in frames([CAROL] * 2):
         kiosk.step(frame)
@@ -124,7 +124,7 @@ def test_button_enrolment_that_cannot_be_saved_is_refused_with_the_reason(store,
 
 
 def test_button_enrolment_notes_the_frame(store):
-    config = Config.model_validate({"enroll": {"capture_frames": 1}})
+    config = Config.model_validate({"enroll": {"capture_frames": 1}, **NO_LIVENESS})
     kiosk, events = kiosk_on(store, HandClock(), config=config, press_button_at={2})
     for frame in frames([NOBODY, NOBODY, CAROL]):
         kiosk.step(frame)
