@@ -4,8 +4,9 @@ The unit itself allows no network at all (`PrivateNetwork`, `AF_UNIX` only, `IPA
 CSI camera needs none. A network camera (`rtsp://`, `rtsps://`) needs IPv4/IPv6 sockets, the host's network and
 its address in `IPAddressAllow`; systemd takes addresses, not names, so a name is resolved when the drop-in is
 written (write it again when the address changes) and the DNS servers are allowed too, for the service's own
-look-ups. On a Jetson, TensorRT and a CSI camera (nvargus-daemon, NVMM buffers) also need NVIDIA's device nodes,
-and the CSI camera the daemon's socket. Every network service the config gains adds its host in `network_hosts`.
+look-ups. The MQTT broker gets the same. On a Jetson, TensorRT and a CSI camera (nvargus-daemon, NVMM buffers) also
+need NVIDIA's device nodes, and the CSI camera the daemon's socket. Every network service the config gains adds its
+host in `network_hosts`.
 `python -m edge sandbox --config …` prints it; install.sh writes it next to the unit.
 """
 from __future__ import annotations
@@ -28,9 +29,16 @@ HEADER = ("# Written by `python -m edge sandbox` from the config; regenerate it 
 
 
 def network_hosts(config: Config) -> list[tuple[str, str]]:
-    """(what, host) for every network peer the config names: today the camera when it streams over the network."""
+    """(what, host) for every network peer the config names: the camera when it streams over the network, the MQTT
+    broker when MQTT is on."""
+    hosts = []
     url = urlsplit(config.camera.source)
-    return [("camera", url.hostname)] if url.scheme.lower() in NETWORK_CAMERA_SCHEMES and url.hostname else []
+    if url.scheme.lower() in NETWORK_CAMERA_SCHEMES and url.hostname:
+        hosts.append(("camera", url.hostname))
+    if config.mqtt.enabled:
+        # paho-mqtt wakes its network thread through a socket pair it builds over TCP on 127.0.0.1 (strace)
+        hosts += [("MQTT broker", config.mqtt.host), ("paho-mqtt's wake-up socket pair", "127.0.0.1")]
+    return hosts
 
 
 def is_address(host: str) -> bool:

@@ -1,7 +1,7 @@
-"""The drop-in `python -m edge sandbox` derives from the config: nothing for a local camera; for an RTSP camera its
-addresses (and the DNS servers when it is named), IPv4/IPv6 and the host's network; on a Jetson the NVIDIA nodes
-and the Argus socket. The widened unit still verifies clean and stays ≤ 3.0, and the door loop opening an RTSP
-camera uses only what the drop-in adds (strace)."""
+"""The drop-in `python -m edge sandbox` derives from the config: nothing for a local camera; for an RTSP camera or
+an MQTT broker its addresses (and the DNS servers when it is named), IPv4/IPv6 and the host's network; on a Jetson
+the NVIDIA nodes and the Argus socket. The widened unit still verifies clean and stays ≤ 3.0, and the door loop
+opening an RTSP camera or publishing to MQTT uses only what the drop-in adds (strace)."""
 from __future__ import annotations
 
 import re
@@ -12,11 +12,12 @@ from conftest import cli
 from test_systemd import (MAX_EXPOSURE, allowed_syscalls, exposure, install_unit, service_directives, socket_families,
                           syscall_groups, traced_calls, traced_edge, verify_output)
 
-from edge.config import CameraConfig, Config, EmbedderConfig
+from edge.config import CameraConfig, Config, EmbedderConfig, MqttConfig, load_config
 from edge.errors import ConfigError
 from edge.sandbox import HEADER, dropin, network_hosts
 
 RTSP_CAMERA = "rtsp://admin:secret@192.168.1.64:554/stream1"
+PHOTOS = Path(__file__).resolve().parents[1] / "samples" / "photos"
 INET_ADDRESS = re.compile(r'inet_addr\("([^"]+)"')
 
 
@@ -53,6 +54,13 @@ def test_an_rtsp_camera_by_name_is_resolved_and_the_dns_servers_allowed(host_roo
     allow = [line for line in service_lines(dropin(config_for("rtsp://localhost:8554/door"), root=host_root))
              if line.startswith("IPAddressAllow=")]
     assert allow and "127.0.0.1" in allow[0].split("=")[1].split() and allow[0].endswith(" 192.168.1.1")
+
+
+def test_mqtt_gets_its_broker_and_the_loopback_paho_wakes_itself_through(host_root):
+    config = Config(mqtt=MqttConfig(enabled=True, host="192.168.1.10"))
+    assert service_lines(dropin(config, root=host_root)) == ["PrivateNetwork=false",
+                                                            "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+                                                            "IPAddressAllow=192.168.1.10 127.0.0.1"]
 
 
 def test_a_camera_name_that_does_not_resolve_is_one_line_and_exit_2(tmp_path):
@@ -94,18 +102,34 @@ def test_the_unit_widened_for_an_rtsp_camera_verifies_clean_and_stays_at_most_3(
     assert exposure(unit) <= MAX_EXPOSURE
 
 
+def assert_inside_the_widened_unit(log: Path, text: str) -> None:
+    """The system calls, socket families and IPv4 peers in an strace log are inside the unit plus drop-in `text`."""
+    calls = traced_calls(log)
+    directives = service_directives(text)
+    assert "AF_INET" in socket_families(calls)
+    assert socket_families(calls) <= set(" ".join(directives["RestrictAddressFamilies"]).split())
+    connected = {address for name, args in calls if name == "connect" for address in INET_ADDRESS.findall(args)}
+    assert connected and connected <= set(" ".join(directives["IPAddressAllow"]).split()), connected
+    assert {name for name, _ in calls} - allowed_syscalls(directives["SystemCallFilter"], syscall_groups()) == set()
+
+
 def test_the_door_loop_opening_an_rtsp_camera_stays_inside_the_widened_unit(tmp_path):
-    """The real loop trying an RTSP camera (port 1: refused at once) under strace: its system calls, socket families
-    and the addresses it connects to are inside the unit plus the drop-in written for that camera."""
+    """The real loop trying an RTSP camera (port 1: refused at once) under strace."""
     source = "rtsp://127.0.0.1:1/door"
     log = tmp_path / "strace.log"
     result = traced_edge(log, {"HOME": str(tmp_path)}, "run", "--source", source, "--door", "simulated",
                          "--store", str(tmp_path / "store.edgestore"), "--audit", str(tmp_path / "audit.sqlite"))
     assert result.returncode == 2 and f"stream {source} cannot be opened" in result.stderr, result.stderr
-    calls = traced_calls(log)
-    directives = service_directives(dropin(config_for(source)))
-    assert "AF_INET" in socket_families(calls)
-    assert socket_families(calls) <= set(" ".join(directives["RestrictAddressFamilies"]).split())
-    connected = {address for name, args in calls if name == "connect" for address in INET_ADDRESS.findall(args)}
-    assert connected and connected <= set(" ".join(directives["IPAddressAllow"]).split())
-    assert {name for name, _ in calls} - allowed_syscalls(directives["SystemCallFilter"], syscall_groups()) == set()
+    assert_inside_the_widened_unit(log, dropin(config_for(source)))
+
+
+def test_the_door_loop_publishing_to_mqtt_stays_inside_the_widened_unit(tmp_path):
+    """The real loop on the sample photos with MQTT on, talking to the broker on this machine, under strace."""
+    config = tmp_path / "config.yaml"
+    config.write_text(f"mqtt:\n  enabled: true\n  host: 127.0.0.1\n  client_id: sandbox-{tmp_path.name}\n")
+    log = tmp_path / "strace.log"
+    result = traced_edge(log, {"HOME": str(tmp_path)}, "run", "--config", str(config), "--source",
+                         f"images://{PHOTOS}", "--door", "simulated", "--store", str(tmp_path / "store.edgestore"),
+                         "--audit", str(tmp_path / "audit.sqlite"))
+    assert result.returncode == 0 and "event=mqtt_connected broker=127.0.0.1:1883" in result.stderr, result.stderr
+    assert_inside_the_widened_unit(log, dropin(load_config(config)))
