@@ -640,6 +640,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default=None, help="camera URI to test (default: camera.source in the config)")
     p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path in the config)")
     p.add_argument("--no-camera", action="store_true", help="skip the camera check")
+    from edge import sandbox
+
+    command("sandbox", sandbox.cmd_sandbox,
+            "print the systemd drop-in that opens the sandbox to the configured camera and MQTT broker")
     p = command("log", cmd_log, "show the door decisions from the audit log")
     p.add_argument("--since", default=None, help="15m, 2h, 7d or an ISO time")
     p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path in the config)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install edge-access as a boot-time service: copy the project to PREFIX, build its venv and models there,
-# create the unprivileged `edge-access` user (groups video, gpio), install the config and the unit.
+# create the unprivileged `edge-access` user (groups video, gpio), install the config, the unit and the drop-in
+# that widens its sandbox for what the config uses (`python -m edge sandbox`).
 set -euo pipefail
 PREFIX=${PREFIX:-/opt/edge-access}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,6 +20,10 @@ done
 install -d -m 755 /etc/edge-access
 [ -f /etc/edge-access/config.yaml ] || install -m 644 "$SRC/config.yaml" /etc/edge-access/config.yaml
 sed "s|@PREFIX@|$PREFIX|g" "$SRC/systemd/edge-access.service" > /etc/systemd/system/edge-access.service
+# The sandbox opened just wide enough for this config (an RTSP camera's address, a Jetson's GPU nodes); README.
+install -d -m 755 /etc/systemd/system/edge-access.service.d
+(cd "$PREFIX" && .venv/bin/python -m edge sandbox --config /etc/edge-access/config.yaml) \
+  > /etc/systemd/system/edge-access.service.d/sandbox.conf
 systemctl daemon-reload
 systemctl enable --now edge-access.service
 echo "install: edge-access enabled; logs: journalctl -u edge-access -f" >&2

@@ -6,6 +6,7 @@ PREFIX=${PREFIX:-/opt/edge-access}
 if [ "$(id -u)" -ne 0 ]; then echo "uninstall: run as root (sudo make uninstall)" >&2; exit 2; fi
 systemctl disable --now edge-access.service 2>/dev/null || true
 rm -f /etc/systemd/system/edge-access.service
+rm -rf /etc/systemd/system/edge-access.service.d
 systemctl daemon-reload || true
 rm -rf "$PREFIX"
 echo "uninstall: removed; kept /var/lib/edge-access (enrolments, audit log) and /etc/edge-access" >&2

@@ -58,11 +58,12 @@ def test_unit_has_the_directives_a_door_controller_needs():
     assert unit_sections()["Install"]["WantedBy"] == "multi-user.target"
 
 
-def service_directives() -> dict[str, list[str]]:
-    """Every `Key=value` of [Service] in order; a key given on several lines (SystemCallFilter, DeviceAllow) keeps all."""
+def service_directives(*texts: str) -> dict[str, list[str]]:
+    """Every `Key=value` of [Service] in the unit (then in each drop-in's text), in order; a key given on several
+    lines (SystemCallFilter, DeviceAllow) keeps all."""
     directives: dict[str, list[str]] = {}
     section = None
-    for line in UNIT.read_text().splitlines():
+    for line in "\n".join((UNIT.read_text(), *texts)).splitlines():
         if line.startswith("["):
             section = line.strip("[]")
         elif section == "Service" and "=" in line and not line.startswith("#"):
@@ -79,26 +80,40 @@ def tool(name: str) -> str:
     return path
 
 
-@pytest.fixture
-def installed_unit(tmp_path) -> Path:
+def install_unit(folder: Path) -> Path:
     """The unit as install.sh writes it (@PREFIX@ filled in), with this checkout as the prefix and this interpreter."""
-    unit = tmp_path / "edge-access.service"
+    unit = folder / "edge-access.service"
     unit.write_text(UNIT.read_text().replace("@PREFIX@", str(ROOT)).replace(f"{ROOT}/.venv/bin/python", sys.executable))
     return unit
 
 
+@pytest.fixture
+def installed_unit(tmp_path) -> Path:
+    return install_unit(tmp_path)
+
+
+def verify_output(unit: Path) -> tuple[int, str]:
+    """`systemd-analyze verify` of a unit file (and the drop-ins in UNIT.d/ next to it): exit status, all output."""
+    result = subprocess.run([tool("systemd-analyze"), "verify", str(unit)], capture_output=True, text=True)
+    return result.returncode, result.stdout + result.stderr
+
+
+def exposure(unit: Path) -> float:
+    """The overall exposure `systemd-analyze security --offline=yes` gives a unit file (with its drop-ins)."""
+    result = subprocess.run([tool("systemd-analyze"), "security", "--offline=yes", str(unit)],
+                            capture_output=True, text=True)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert found, result.stdout + result.stderr
+    print(f"\n{unit.name}: exposure {found.group(1)}")
+    return float(found.group(1))
+
+
 def test_systemd_analyze_verify_is_clean(installed_unit):
-    result = subprocess.run([tool("systemd-analyze"), "verify", str(installed_unit)], capture_output=True, text=True)
-    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    assert verify_output(installed_unit) == (0, "")
 
 
 def test_systemd_analyze_security_rates_the_unit_at_most_3(installed_unit):
-    result = subprocess.run([tool("systemd-analyze"), "security", "--offline=yes", str(installed_unit)],
-                            capture_output=True, text=True)
-    exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
-    assert exposure, result.stdout + result.stderr
-    print(f"\n{installed_unit.name}: exposure {exposure.group(1)}")
-    assert float(exposure.group(1)) <= MAX_EXPOSURE, result.stdout
+    assert exposure(installed_unit) <= MAX_EXPOSURE
 
 
 # ---- the real door loop under strace -------------------------------------------------------------------------
@@ -160,6 +175,23 @@ def device_group(kind: str, major: int) -> str:
     return dict(line.split() for line in block.strip().splitlines()[1:]).get(str(major), "")
 
 
+def traced_edge(log: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """`python -m edge ARGS` under `strace -f` (log in `log`) as the service runs it: an unprivileged user (as root, a
+    user namespace in which the process sees itself as nobody), ONNX Runtime's settings left to the code."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    environment.pop("ORT_DISABLE_TELEMETRY", None)  # the door's own default is under test
+    unprivileged = [tool("unshare"), "--user"] if os.geteuid() == 0 else []
+    result = subprocess.run([tool("strace"), "-f", "-qq", "-o", str(log), *unprivileged, sys.executable, "-m", "edge",
+                             *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    if unprivileged and "unshare failed" in result.stderr:
+        pytest.skip(f"cannot run the door loop as an unprivileged user here: {result.stderr.strip()}")
+    return result
+
+
+def socket_families(calls: list[tuple[str, str]]) -> set[str]:
+    return {args.split(",")[0] for name, args in calls if name in ("socket", "socketpair")}
+
+
 def receive_until(sock: socket.socket, done: threading.Event) -> list[str]:
     """The datagrams that arrive on `sock` until `done` is set."""
     messages = []
@@ -177,7 +209,6 @@ def door_trace(tmp_path_factory, models_dir) -> SimpleNamespace:
     (as root, a user namespace makes the process see itself as nobody), HOME in the state directory, sd_notify to
     a socket with a watchdog, the relay on gpiozero's mock pins, a button press that enrols the person who then
     unlocks the door (store write, audit row, relay pulse)."""
-    strace = tool("strace")
     state = tmp_path_factory.mktemp("state")
     log = state / "strace.log"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, ThreadPoolExecutor(1) as reader:
@@ -185,23 +216,17 @@ def door_trace(tmp_path_factory, models_dir) -> SimpleNamespace:
         notify.settimeout(POLL_S)
         done = threading.Event()
         notified = reader.submit(receive_until, notify, done)  # as systemd does: a full queue would block the loop
-        env = {**os.environ, "HOME": str(state), "NOTIFY_SOCKET": str(state / "notify.sock"),
-               "WATCHDOG_USEC": str(WATCHDOG_USEC), "GPIOZERO_PIN_FACTORY": "mock", "OMP_NUM_THREADS": "1"}
-        env.pop("ORT_DISABLE_TELEMETRY", None)  # the door's own default is under test
-        unprivileged = [tool("unshare"), "--user"] if os.geteuid() == 0 else []
+        env = {"HOME": str(state), "NOTIFY_SOCKET": str(state / "notify.sock"), "WATCHDOG_USEC": str(WATCHDOG_USEC),
+               "GPIOZERO_PIN_FACTORY": "mock"}
         try:
-            result = subprocess.run(
-                [strace, "-f", "-qq", "-o", str(log), *unprivileged, sys.executable, "-m", "edge", "run",
-                 "--source", str(VIDEO), "--store", str(state / "store.edgestore"),
-                 "--audit", str(state / "audit.sqlite"), "--events", str(state / "events.jsonl"),
-                 "--door", "gpio", "--press-button-at", str(BUTTON_FRAME)],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+            result = traced_edge(log, env, "run", "--source", str(VIDEO), "--store", str(state / "store.edgestore"),
+                                 "--audit", str(state / "audit.sqlite"), "--events", str(state / "events.jsonl"),
+                                 "--door", "gpio", "--press-button-at", str(BUTTON_FRAME))
         finally:
             done.set()
-    if unprivileged and "unshare failed" in result.stderr:
-        pytest.skip(f"cannot run the door loop as an unprivileged user here: {result.stderr.strip()}")
     events = [json.loads(line) for line in (state / "events.jsonl").read_text().splitlines()]
-    return SimpleNamespace(result=result, calls=traced_calls(log), events=events, notified=notified.result(), home=state)
+    return SimpleNamespace(result=result, calls=traced_calls(log), events=events, notified=notified.result(),
+                           home=state)
 
 
 def test_traced_door_loop_enrols_unlocks_and_feeds_the_watchdog(door_trace):
@@ -223,9 +248,9 @@ def test_every_system_call_of_the_door_loop_is_in_the_units_filter(door_trace):
 
 def test_door_loop_opens_only_the_allowed_socket_families_and_devices(door_trace):
     directives = service_directives()
-    families = {args.split(",")[0] for name, args in door_trace.calls if name in ("socket", "socketpair")}
+    families = socket_families(door_trace.calls)
     assert "AF_UNIX" in families  # sd_notify
-    assert families <= set(directives["RestrictAddressFamilies"][0].split()), families
+    assert families <= set(" ".join(directives["RestrictAddressFamilies"]).split()), families
     devices = {path for name, args in door_trace.calls if name in ("open", "openat")
                for path in QUOTED_DEV.findall(args) if os.path.exists(path)}
     assert devices, "the loop opened no device node at all (not even /dev/urandom): is the log complete?"
