@@ -17,7 +17,7 @@ from test_store import FINGERPRINT, enrol, nudged, open_store, path, rng, unit  
 
 from edge.errors import StoreError
 from edge.store import (
-    EMBEDDING_DIM, FLAG_ENCRYPTED, FORMAT_VERSION, GCM_TAG_BYTES, HEADER, MAGIC, META_LENGTH, NONCE_BYTES, Store,
+    CHECKSUM_BYTES, EMBEDDING_DIM, FLAG_ENCRYPTED, FORMAT_VERSION, GCM_TAG_BYTES, HEADER, MAGIC, META_LENGTH, NONCE_BYTES, Store,
     generate_key,
 )
 
@@ -255,3 +255,13 @@ def test_one_edit_can_rename_add_templates_and_enrol_again(path, rng):
     assert [(p.name, p.embedding_count) for p in store.persons] == [("Ada Lovelace", 1), ("Grace", 3), ("Linus", 1)]
     assert all(re.fullmatch(r"[0-9a-f]{12}", p.id) for p in store.persons), "ids are 12 hex digits"
     assert open_store(path).persons == store.persons
+
+
+@pytest.mark.parametrize("names", [["A"], ["Ada", "Grace Hopper"], ["x" * 30] * 1])
+def test_the_matrix_starts_16_byte_aligned_in_the_file(path, rng, names):
+    enrol(path, {name: unit(rng) for name in names})
+    data = path.read_bytes()
+    (meta_bytes,) = META_LENGTH.unpack_from(data, HEADER.size)
+    matrix_start = HEADER.size + META_LENGTH.size + meta_bytes
+    assert matrix_start % 16 == 0
+    assert len(data) - CHECKSUM_BYTES - matrix_start == len(names) * EMBEDDING_DIM * 4
