@@ -13,7 +13,7 @@ from test_kiosk import (  # noqa: F401  (store: a fixture, alice enrolled)
 import edge.store
 from edge.config import Config
 from edge.door import SimulatedDoor
-from edge.kiosk import RECENT_FRAMES, STORE_CHECK_S, Kiosk
+from edge.kiosk import RECENT_FRAMES, STORE_CHECK_S, Kiosk, StopRequest
 from edge.store import Store
 
 
@@ -39,13 +39,13 @@ def test_unlock_latency_runs_from_the_face_first_seen_to_the_relay_and_is_summar
     with store.edit():
         store.add_person("carol", embedding_of(CAROL)[None, :])
     kiosk, events = kiosk_on(store, clock)
-    walls = [0.0, 0.03, 0.08334, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.72]  # frames 2 and 9 unlock, 3 frames after a face
+    walls = [0.0, 0.03, 0.08334, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.72004]  # frames 2 and 9 unlock, 3 after a face
     for frame, wall in zip(frames([ALICE] * 3 + [NOBODY] * 4 + [CAROL] * 3), walls):
         clock.now = 1000.0 + wall
         kiosk.step(frame)
     unlocks = [(e["person"], e["latency_ms"], e["frames_to_decide"]) for e in events]
     assert unlocks == [("alice", 83.3, 3), ("carol", 120.0, 3)]
-    assert kiosk.latencies_ms == pytest.approx([83.34, 120.0])
+    assert kiosk.latencies_ms == pytest.approx([83.34, 120.04])
     assert kiosk.summary(10, 0.6) == {"frames": 10, "fps": 16.7, "unlock_events": 2,
                                       "latency_ms_median": pytest.approx(101.7), "latency_ms_max": pytest.approx(120.0)}
 
@@ -148,3 +148,38 @@ def test_the_store_is_reloaded_at_most_once_per_check_interval(store):
         kiosk.step(frame)
     assert len(kiosk.store) == 2
     assert [(e["event"], e["person"]) for e in events] == [("unlock", "carol")]
+
+
+def test_max_frames_stops_after_exactly_that_many_frames(store):
+    kiosk, _ = kiosk_on(store, HandClock())
+    assert kiosk.run(ScriptedSource([NOBODY] * 10), notifier=FakeNotifier(), max_frames=4) == 4
+    assert kiosk.pipeline.calls == 4
+
+
+def test_a_stop_request_given_by_the_caller_is_the_one_watched(store):
+    handlers = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
+    stop = StopRequest()
+    stop.reason = "SIGTERM"  # as if the signal came while the models were loading
+    kiosk, _ = kiosk_on(store, HandClock())
+    assert kiosk.run(ScriptedSource([NOBODY] * 5), notifier=FakeNotifier(), stop=stop) == 0
+    assert kiosk.door.is_unlocked is False
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers, "the caller's request, no handler of its own"
+
+
+def test_stop_request_install_restore_and_ignore():
+    handlers = {sig: signal.getsignal(sig) for sig in StopRequest.SIGNALS}
+    StopRequest().restore()  # nothing installed: nothing to put back
+    stop = StopRequest().install()
+    try:
+        assert all(signal.getsignal(sig) == stop._handle for sig in StopRequest.SIGNALS)
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.requested and stop.reason == "SIGINT", "the first signal is the reason"
+        stop.restore()
+        stop.restore()
+        assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+        stop.ignore()
+        assert all(signal.getsignal(sig) == signal.SIG_IGN for sig in StopRequest.SIGNALS)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

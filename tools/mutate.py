@@ -30,6 +30,8 @@ MODULES = {
     "kiosk": ["test_kiosk.py", "test_promises_kiosk.py", "test_promises_door.py", "test_promises_enrolment.py"],
     "store": ["test_store.py", "test_promises_store.py", "test_names.py", "test_kiosk.py"],
     "quality": ["test_promises_enrolment.py", "test_kiosk.py"],
+    "fuse": ["test_fuse.py", "test_decide.py", "test_promises_decide.py"],
+    "liveness": ["test_liveness.py", "test_kiosk.py"],
 }
 # Benchmark code living in a safety module (`python -m edge bench store`): its mutants are counted apart, not in the
 # kill rate, since it measures and reports timings rather than keeping a promise of the door.
