@@ -7,14 +7,17 @@ import signal
 
 import pytest
 from test_kiosk import (  # noqa: F401  (store: a fixture, alice enrolled)
-    ALICE, CAROL, LOST, NOBODY, FakeNotifier, FakePipeline, ScriptedSource, embedding_of, frames, store, FAKES_CONFIG, NO_LIVENESS,
+    ALICE, CAROL, FAKES_CONFIG, LOST, NO_LIVENESS, NOBODY, FakeNotifier, FakePipeline, ScriptedSource, embedding_of,
+    frames, image_of, store,
 )
 
 import edge.store
+from edge.audit import AuditLog
 from edge.config import Config
 from edge.door import SimulatedDoor
 from edge.kiosk import RECENT_FRAMES, STORE_CHECK_S, Kiosk, StopRequest
 from edge.store import Store
+from edge.types import Frame
 
 
 class HandClock:
@@ -183,3 +186,50 @@ def test_stop_request_install_restore_and_ignore():
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+class DiskFullAudit:
+    def record(self, decision, **fields) -> int:
+        raise OSError(28, "No space left on device")
+
+
+def run_alice_then_carol(store, audit) -> tuple[list[dict], Kiosk]:
+    events: list[dict] = []
+    kiosk = Kiosk(config=FAKES_CONFIG, pipeline=FakePipeline(), store=store, door=SimulatedDoor(), audit=audit,
+                  emit=events.append, clock=HandClock())
+    for i, code in enumerate([ALICE] * 3 + [NOBODY] * 7 + [CAROL] * 3):
+        kiosk.step(Frame(image_of(code), i, i / 30))
+    return events, kiosk
+
+
+def test_decision_events_and_their_log_lines_carry_the_decision(store, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="edge.kiosk")
+    audit = AuditLog(tmp_path / "audit.sqlite")
+    try:
+        events, kiosk = run_alice_then_carol(store, audit)
+    finally:
+        audit.close()
+    (alice,) = store.match(embedding_of(ALICE)[None, :], threshold_l2=Config().match.threshold_l2,
+                           margin_l2=Config().match.margin_l2)
+    unlock, unknown = events
+    assert (unlock["event"], unlock["person"], unlock["person_id"], unlock["frame"], unlock["t_s"]) == (
+        "unlock", "alice", store.find("alice").id, 2, 0.067)
+    assert (unlock["distance_l2"], unlock["margin_l2"]) == (round(alice.distance_l2, 4), round(alice.margin_l2, 4))
+    assert (unlock["track"], unlock["votes"], unlock["door"]) == (1, 3, "pulse")
+    assert (unknown["event"], unknown["person"], unknown["person_id"], unknown["frame"], unknown["t_s"]) == (
+        "unknown", None, None, 12, 0.4)
+    assert (unknown["track"], unknown["votes"], unknown["door"]) == (2, 3, "none")
+    assert isinstance(unlock["audit_id"], int) and unknown["audit_id"] == unlock["audit_id"] + 1
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=un")]
+    assert lines == ["event=" + " ".join([e["event"]] + [f"{k}={v}" for k, v in e.items() if k != "event"])
+                     for e in events]
+
+
+def test_a_failed_audit_write_is_logged_and_the_door_still_opens(store, caplog):
+    caplog.set_level(logging.ERROR, logger="edge.kiosk")
+    events, kiosk = run_alice_then_carol(store, DiskFullAudit())
+    assert [(e["event"], e["door"]) for e in events] == [("unlock", "pulse"), ("unknown", "none")]
+    assert "audit_id" not in events[0]
+    assert [r.getMessage() for r in caplog.records] == [
+        "event=audit_write_failed decision=unlock frame=2 error=OSError: [Errno 28] No space left on device",
+        "event=audit_write_failed decision=unknown frame=12 error=OSError: [Errno 28] No space left on device"]
