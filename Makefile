@@ -18,7 +18,7 @@ help:
 	@echo "make demo      set up, fetch models, run the pipeline on bundled samples (simulated door)"
 	@echo "make test      set up with test deps and run the test suite"
 	@echo "make models    fetch + sha256-verify + convert the models (offline once done)"
-	@echo "make mutate    mutation testing of decide/door/kiosk/store/quality (slow; MUTATE=\"decide door\" for some)"
+	@echo "make mutate    mutation testing of the safety modules, see README (slow; MUTATE=\"decide door\" for some)"
 	@echo "make bench     per-stage timings vs face_recognition (same run), kiosk RSS over 1000 frames, MQTT on/off frame time, degradation suite"
 	@echo "make engine    build the TensorRT engine (Jetson / NVIDIA GPU)"
 	@echo "make run       run the door controller with $(CONFIG) on the real camera and GPIO"
