@@ -93,7 +93,7 @@ def test_doctor_reports_each_check(tmp_path, models_dir):
     assert any(line.startswith("FAIL  camera:") and "/dev/video99" in line for line in bad.stderr.splitlines())
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["id-a", "id-b", None]), st.sampled_from(["Ann", "Bo", "Cy"]),
                           st.booleans()), max_size=12))
 def test_forgetting_an_id_erases_its_rows_and_snapshots_whatever_the_name_and_nothing_else(visits):

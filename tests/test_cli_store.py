@@ -213,7 +213,7 @@ def test_a_batch_enrols_everyone_it_can_and_ends_with_a_summary_of_the_failures(
 PEOPLE_WORDS = ["list", "show", "rename", "remove", "frobnicate", "--json", "-x", "Ada", "ADA", "Grace", ""]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(words=st.lists(st.one_of(st.sampled_from(PEOPLE_WORDS), untrusted_text(40)), max_size=4))
 def test_people_with_any_arguments_is_done_or_one_line_never_an_internal_error(words, tmp_path_factory, models_dir):
     from edge.__main__ import main

@@ -19,7 +19,7 @@ USER = st.text(string.ascii_letters + string.digits + "._-~%", max_size=12)
 PASSWORD = st.text(st.characters(exclude_categories=("Z", "C")), min_size=1, max_size=24)
 HOST = st.from_regex(r"[a-z0-9-]{1,12}(\.[a-z0-9-]{1,8}){0,3}(:\d{1,5})?", fullmatch=True)
 PATH = st.from_regex(r"(/[A-Za-z0-9._-]{0,10}){0,3}", fullmatch=True)
-EXAMPLES = settings(max_examples=200, deadline=None)
+EXAMPLES = settings(max_examples=100, deadline=None)
 
 
 @EXAMPLES
