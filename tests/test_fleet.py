@@ -27,7 +27,7 @@ from edge.door import SimulatedDoor
 from edge.errors import ConfigError, FleetError
 from edge.fleet import central
 from edge.fleet.sim import FaultProxy, host_port, run_bench
-from edge.fleet.sync import FleetAgent, Replica
+from edge.fleet.sync import FleetAgent, Replica, start_agent
 from edge.store import Store
 
 LOCAL_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -197,10 +197,10 @@ def test_door_changes_reach_every_door_bit_for_bit_and_erasure_blanks_every_log(
     assert sorted(people(store_a)) == ["Robert", "alice"] and len(people(store_a)["alice"]) == 3
     assert len(report.updated) == 2
 
-    alice_log = AuditLog(tmp_path / "b" / "audit.sqlite")
-    alice_log.record(_decision("alice"), door_action="pulse")
-    alice_log.record(_decision("Robert"), door_action="pulse")
-    alice_log.close()
+    log_b = AuditLog(tmp_path / "b" / "audit.sqlite")
+    for name in ("alice", "Robert"):
+        log_b.record(_decision(name), door_action="pulse", person_id=store_b.find(name).id)
+    log_b.close()
     assert sync(b, door_cfg("b")).audit_pushed == 2
     with store_a.edit():
         store_a.remove("alice")
@@ -354,6 +354,31 @@ def test_bad_dsns_are_one_line_each(fleet, tmp_path, pg_dsn):
         central.read_dsn(FleetConfig(dsn_file=dsn_file))
     dsn_file.chmod(0o600)
     assert central.read_dsn(FleetConfig(dsn_file=dsn_file)) == pg_dsn
+
+
+def test_door_service_runs_on_its_local_store_when_the_fleet_is_unusable(tmp_path, caplog):
+    store_path = tmp_path / "store.edgestore"
+    kiosk_store = Store.open(store_path, fingerprint=FINGERPRINT)
+    with kiosk_store.edit():
+        kiosk_store.add_person("alice", embedding_of(ALICE))
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(f"postgresql://postgres@127.0.0.1:{_free_port()}/test")
+    dsn_file.chmod(0o644)
+    config = Config(fleet=FleetConfig(dsn_file=dsn_file, door_id="front", state_path=tmp_path / "fleet.sqlite",
+                                      connect_timeout_s=1))
+    assert start_agent(config, store_path=store_path, audit_path=None, fingerprint=FINGERPRINT) is None
+    assert "fleet_disabled door=front reason=fleet.dsn_file" in caplog.text and "chmod 600" in caplog.text
+    dsn_file.chmod(0o600)
+    agent = start_agent(config, store_path=store_path, audit_path=None, fingerprint=FINGERPRINT)
+    try:
+        assert wait_until(lambda: agent.last_error is not None, FLEET_WAIT_S)
+        assert "unreachable" in agent.last_error and "keeps deciding on its local store" in agent.last_error
+        kiosk, _ = make_kiosk(kiosk_store, SimulatedDoor(),
+                              config=Config(decide=DecideConfig(votes_needed=1, window_frames=1)))
+        assert [e["person"] for f in frames([ALICE]) for e in kiosk.step(f)] == ["alice"]
+        assert not agent.online
+    finally:
+        agent.stop()
 
 
 def test_wrong_password_is_one_line(tmp_path):

@@ -19,7 +19,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 from edge.config import FleetConfig
 from edge.errors import ConfigError, FleetError, first_line
-from edge.store import EMBEDDING_DIM, _name_key as name_key
+from edge.names import name_key
+from edge.store import EMBEDDING_DIM
 
 log = logging.getLogger("edge.fleet")
 

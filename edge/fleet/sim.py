@@ -247,7 +247,8 @@ def _camera(reader, audit_path: Path, watched: str, stop: threading.Event) -> No
         event = "unlock" if match.person else "unknown"
         audit.record(Decision(event=event, person=match.person, track=frame, frame=frame, t_s=time.time(),
                               distance_l2=match.distance_l2, margin_l2=match.margin_l2, votes=1, first_frame=frame,
-                              box=(0, 0, 1, 1)), door_action="pulse" if match.person else "none")
+                              box=(0, 0, 1, 1)), door_action="pulse" if match.person else "none",
+                     person_id=match.extra["candidate_id"] if match.person else None)
     audit.close()
 
 

@@ -43,7 +43,7 @@ RETRY_MIN_S = 0.5        # first reconnect delay after the link drops; doubles u
 REFUSED_RETRY_S = 60.0   # a refusal (other model, newer schema) is re-checked this rarely; the door stays local
 STOP_WAIT_S = 10.0
 # After an erasure the door loop may log the person once more before it reloads its store (edge.kiosk.STORE_CHECK_S):
-# their name is kept in memory this long so such rows are blanked too, here and centrally.
+# their local id is kept in memory this long so such rows are blanked too, here and centrally.
 ERASED_GRACE_S = 10.0
 
 
@@ -114,7 +114,8 @@ class Replica:
         self.state = ReplicaState(Path(cfg.state_path))
         self._store_seen: tuple | None = None  # the store file's signature after the last comparison
         self._full_check_at = float("-inf")
-        self._erased_names: dict[str, tuple[str, float]] = {}  # name → (central id, monotonic time it is dropped)
+        # local id → (central id, name, monotonic time it is dropped) of people erased a moment ago
+        self._erased: dict[str, tuple[str, str, float]] = {}
 
     def close(self) -> None:
         self.state.close()
@@ -207,11 +208,9 @@ class Replica:
             self.store.rename(local_id, name)
 
     def _remove_local(self, local_ids: list[str]) -> None:
-        names = []
         with self.store.edit():
-            for local_id in local_ids:
-                names.append(self.store.remove(local_id).name)
-        self._forget_in_audit(names)
+            removed = [self.store.remove(local_id) for local_id in local_ids]
+        self._forget_in_audit([(person.id, person.name) for person in removed])
 
     # ---- pull ---------------------------------------------------------------------------------------------------
 
@@ -232,7 +231,7 @@ class Replica:
                     local_id = agreed.pop(central_id)[0]
                     if self._exists(local_id):
                         name = self.store.remove(local_id).name
-                        self._erased_names[name] = (central_id, time.monotonic() + ERASED_GRACE_S)
+                        self._erased[local_id] = (central_id, name, time.monotonic() + ERASED_GRACE_S)
                     report.erased.append(central_id)
             central_of = {local_id: central_id for central_id, (local_id, _, _) in agreed.items()}
             for person in changes.people:
@@ -284,13 +283,14 @@ class Replica:
         else:
             self.store.rename(holder.id, f"{holder.name} (renaming {holder_central})"[:64])
 
-    def _forget_in_audit(self, names: list[str]) -> None:
-        if not names or self.audit_path is None or not self.audit_path.exists():
+    def _forget_in_audit(self, people: list[tuple[str, str]]) -> None:
+        """Blank the log entries of these (local id, name) people at this door."""
+        if not people or self.audit_path is None or not self.audit_path.exists():
             return
         audit = AuditLog(self.audit_path)
         try:
-            for name in names:
-                audit.forget_person(name)
+            for local_id, name in people:
+                audit.forget_person(local_id, legacy_name=name)
         finally:
             audit.close()
 
@@ -315,23 +315,26 @@ class Replica:
     def _push_audit(self, conn: psycopg.Connection, report: SyncReport) -> None:
         """Push decisions after the cursor in id order; the cursor moves only after the centre committed them."""
         now = time.monotonic()
-        self._erased_names = {name: kept for name, kept in self._erased_names.items() if kept[1] > now}
-        self._forget_in_audit(list(self._erased_names))
+        self._erased = {local_id: kept for local_id, kept in self._erased.items() if kept[2] > now}
+        self._forget_in_audit([(local_id, name) for local_id, (_, name, _) in self._erased.items()])
         db = self._audit_db()
         if db is None:
             return
-        ids_by_name = {name: central_id for name, (central_id, _) in self._erased_names.items()}
-        ids_by_name.update((name, central_id) for central_id, (_, name, _) in self.state.people().items())
+        agreed = self.state.people()
+        central_ids = {local_id: central_id for local_id, (central_id, _, _) in self._erased.items()}
+        central_ids.update((local_id, central_id) for central_id, (local_id, _, _) in agreed.items())
+        by_name = {name: central_id for central_id, (_, name, _) in agreed.items()}  # logs older than person ids
         try:
+            has_ids = "person_id" in {row[1] for row in db.execute("PRAGMA table_info(decisions)")}
             while True:
                 cursor = self.state.get("audit_seq")
                 rows = db.execute("SELECT id, t_unix, event, person, track, frame, distance_l2, margin_l2, votes, "
-                                  "door_action FROM decisions WHERE id > ? ORDER BY id LIMIT ?",
-                                  (cursor, AUDIT_BATCH_ROWS)).fetchall()
+                                  f"door_action, {'person_id' if has_ids else 'NULL'} FROM decisions WHERE id > ? "
+                                  "ORDER BY id LIMIT ?", (cursor, AUDIT_BATCH_ROWS)).fetchall()
                 if not rows:
                     return
-                batch = [(seq, t, event, ids_by_name.get(person), person, *rest)
-                         for seq, t, event, person, *rest in rows]
+                batch = [(seq, t, event, central_ids.get(local_id) if local_id else by_name.get(person), person, *rest)
+                         for seq, t, event, person, *rest, local_id in rows]
                 with conn.transaction():
                     report.audit_pushed += central.push_audit(conn, self.door_id, batch)
                 self.state.put("audit_seq", rows[-1][0])
