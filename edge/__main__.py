@@ -179,8 +179,17 @@ def enrolment_face(pipeline, path: Path, config: Config, *, largest: bool):
 
 
 def check_not_duplicate(store, name: str, embedding, threshold_l2: float, force: bool, path: Path) -> None:
+    """Refuse a face closer to another person than `threshold_l2` — unless it is at least as close to `name`."""
+    import numpy as np
+
     other, distance = store.nearest(embedding)
-    if other is not None and other.name.casefold() != name.casefold() and distance < threshold_l2 and not force:
+    if other is None or other.name.casefold() == name.casefold() or distance >= threshold_l2 or force:
+        return
+    try:
+        own_l2 = float(np.linalg.norm(store.embeddings(name) - embedding, axis=1).min())
+    except StoreError:
+        own_l2 = float("inf")
+    if own_l2 > distance:
         raise InputError(
             f"{path}: looks like {other.name} (distance {distance:.3f} < {threshold_l2}); "
             f"use --force if {name} really is someone else"
