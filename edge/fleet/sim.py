@@ -32,6 +32,7 @@ from edge.store import EMBEDDING_DIM
 SIM_FINGERPRINT = "sim:random-unit-vectors"
 MATCH_THRESHOLD_L2 = 0.3
 MATCH_MARGIN_L2 = 0.0
+MATCH_CHECK_MAX = 200  # changes per sync checked by a real 1:N match (each costs one product over every template)
 KIOSK_TICK_S = 0.1
 CONVERGE_TIMEOUT_S = 300.0
 READY_TIMEOUT_S = 600.0
@@ -193,15 +194,19 @@ def door_main(argv: list[str]) -> int:
             return
         reader.reload_if_changed()
         agreed = agent.replica.state.people()
+        changed = report.added + report.updated
         usable = []
-        for central_id in report.added + report.updated:
+        for central_id in changed:
             local_id = agreed[central_id][0]
             person = reader.find(local_id)
+            names[central_id] = person.name
+            if len(changed) > MATCH_CHECK_MAX:  # the first sync: being in the reloaded store is enough
+                usable.append(central_id)
+                continue
             (match,) = reader.match(reader.embeddings(local_id)[:1], threshold_l2=MATCH_THRESHOLD_L2,
                                     margin_l2=MATCH_MARGIN_L2)
             if match.person == person.name:
                 usable.append(central_id)
-                names[central_id] = person.name
         gone = [cid for cid in report.erased if not any(p.name == names.get(cid) for p in reader.persons)]
         emit({"door": args.door_id, "t": time.time(), "usable": usable, "erased": gone, "version": report.version})
 
@@ -236,11 +241,13 @@ def _camera(reader, audit_path: Path, watched: str, stop: threading.Event) -> No
     rng = random.Random(0)
     watched_index = int(watched.split("-")[1])
     frame = 0
+    enrolled = reader.persons
     while not stop.wait(KIOSK_TICK_S):
-        reader.reload_if_changed()
+        if reader.reload_if_changed():
+            enrolled = reader.persons
         frame += 1
-        if frame % 2 and len(reader):
-            probe = reader.embeddings(reader.persons[rng.randrange(len(reader))].id)[:1]
+        if frame % 2 and enrolled:
+            probe = reader.embeddings(rng.choice(enrolled).id)[:1]
         else:
             probe = template(watched_index)
         (match,) = reader.match(probe, threshold_l2=MATCH_THRESHOLD_L2, margin_l2=MATCH_MARGIN_L2)
