@@ -19,10 +19,10 @@ import numpy as np
 import psycopg
 import pytest
 from conftest import cli, wait_until
-from test_kiosk import ALICE, NOBODY, embedding_of, frames, make_kiosk
+from test_kiosk import ALICE, NO_LIVENESS, NOBODY, embedding_of, frames, make_kiosk
 
 from edge.audit import AuditLog
-from edge.config import Config, DecideConfig, FleetConfig
+from edge.config import Config, FleetConfig
 from edge.door import SimulatedDoor
 from edge.errors import ConfigError, FleetError
 from edge.fleet import central
@@ -271,7 +271,8 @@ def test_door_loop_keeps_unlocking_through_a_cut_and_catches_up_after_it(fleet, 
     store_path, audit_path = tmp_path / "d1" / "store.edgestore", tmp_path / "d1" / "audit.sqlite"
     agent = FleetAgent(cfg, dsn=proxy.dsn_for(cfg.dsn), store=Store.open(store_path, fingerprint=FINGERPRINT),
                        audit_path=audit_path).start()
-    config = Config(decide=DecideConfig(votes_needed=1, window_frames=1, cooldown_s=0.0, max_missed_frames=0))
+    config = Config.model_validate({"decide": {"votes_needed": 1, "window_frames": 1, "cooldown_s": 0.0,
+                                               "max_missed_frames": 0}, **NO_LIVENESS})
     kiosk_store = Store.open(store_path, fingerprint=FINGERPRINT)
     audit = AuditLog(audit_path)
     kiosk, events = make_kiosk(kiosk_store, SimulatedDoor(), config=config, audit=audit)
@@ -374,7 +375,8 @@ def test_door_service_runs_on_its_local_store_when_the_fleet_is_unusable(tmp_pat
         assert wait_until(lambda: agent.last_error is not None, FLEET_WAIT_S)
         assert "unreachable" in agent.last_error and "keeps deciding on its local store" in agent.last_error
         kiosk, _ = make_kiosk(kiosk_store, SimulatedDoor(),
-                              config=Config(decide=DecideConfig(votes_needed=1, window_frames=1)))
+                              config=Config.model_validate({"decide": {"votes_needed": 1, "window_frames": 1},
+                                                            **NO_LIVENESS}))
         assert [e["person"] for f in frames([ALICE]) for e in kiosk.step(f)] == ["alice"]
         assert not agent.online
     finally:
