@@ -12,7 +12,7 @@ CONFIG ?= config.yaml
 export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: help venv dev system-tools models test demo bench engine run doctor install uninstall clean mutate
+.PHONY: help venv dev system-tools models test demo bench bench-fleet engine run doctor install uninstall clean mutate
 
 help:
 	@echo "make demo      set up, fetch models, run the pipeline on bundled samples (simulated door)"
@@ -20,6 +20,7 @@ help:
 	@echo "make models    fetch + sha256-verify + convert the models (offline once done)"
 	@echo "make mutate    mutation testing of the safety modules, see README (slow; MUTATE=\"decide door\" for some)"
 	@echo "make bench     per-stage timings vs face_recognition (same run), kiosk RSS over 1000 frames, MQTT on/off frame time, degradation suite"
+	@echo "make bench-fleet  20 door processes, 10,000 people, 1,000 operations and a 60 s cut against PostgreSQL"
 	@echo "make engine    build the TensorRT engine (Jetson / NVIDIA GPU)"
 	@echo "make run       run the door controller with $(CONFIG) on the real camera and GPIO"
 
@@ -77,6 +78,11 @@ $(MUTATE_STAMP): $(DEV_STAMP) requirements-mutate.txt
 MUTATE ?=
 mutate: $(MUTATE_STAMP) models
 	nice -n 10 $(PY) tools/mutate.py $(MUTATE)
+
+FLEET_DSN ?= postgresql://postgres@127.0.0.1:5432/test
+
+bench-fleet: venv
+	$(PY) -m edge fleet bench --dsn $(FLEET_DSN)
 
 engine: models
 	$(PY) -m edge build-engine

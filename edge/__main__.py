@@ -179,8 +179,17 @@ def enrolment_face(pipeline, path: Path, config: Config, *, largest: bool):
 
 
 def check_not_duplicate(store, name: str, embedding, threshold_l2: float, force: bool, path: Path) -> None:
+    """Refuse a face closer to another person than `threshold_l2` — unless it is at least as close to `name`."""
+    import numpy as np
+
     other, distance = store.nearest(embedding)
-    if other is not None and other.name.casefold() != name.casefold() and distance < threshold_l2 and not force:
+    if other is None or other.name.casefold() == name.casefold() or distance >= threshold_l2 or force:
+        return
+    try:
+        own_l2 = float(np.linalg.norm(store.embeddings(name) - embedding, axis=1).min())
+    except StoreError:
+        own_l2 = float("inf")
+    if own_l2 > distance:
         raise InputError(
             f"{path}: looks like {other.name} (distance {distance:.3f} < {threshold_l2}); "
             f"use --force if {name} really is someone else"
@@ -420,6 +429,7 @@ def run_door_loop(args, config: Config, stop) -> int:
         bridge.stats = lambda: {"fps": round(kiosk.recent_fps(), 1), "people": len(store)}
         bridge.start()
     button = attach_button(config, kiosk) if (args.door or config.door.kind) == "gpio" else None
+    fleet = start_fleet(config, store.path, audit_path, store.fingerprint)
     say(f"run: source {uri}, door {args.door or config.door.kind}, {len(store)} people enrolled, backend {pipeline.embedder.name}")
     started = time.perf_counter()
     try:
@@ -430,6 +440,8 @@ def run_door_loop(args, config: Config, stop) -> int:
             button.close()
         if bridge is not None:
             bridge.close()
+        if fleet is not None:
+            fleet.stop()
         audit.close()
         close_sink()
     elapsed_s = time.perf_counter() - started
@@ -448,6 +460,15 @@ def open_mqtt(config: Config, door, audit_path: Path):
     cfg = config.mqtt if config.mqtt.outbox_path else config.mqtt.model_copy(
         update={"outbox_path": audit_path.parent / "mqtt_outbox.sqlite"})
     return MqttBridge(cfg, door=door, audit=AuditLog(audit_path, retention_days=config.audit.retention_days))
+
+
+def start_fleet(config: Config, store_path: Path, audit_path: Path, fingerprint: str):
+    """The fleet sync thread beside the door loop, or None when no fleet is configured."""
+    if config.fleet.dsn is None and config.fleet.dsn_file is None:
+        return None
+    from edge.fleet.sync import start_agent
+
+    return start_agent(config, store_path=store_path, audit_path=audit_path, fingerprint=fingerprint)
 
 
 def attach_button(config: Config, kiosk):
@@ -644,6 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("sandbox", sandbox.cmd_sandbox,
             "print the systemd drop-in that opens the sandbox to the configured camera and MQTT broker")
+    from edge.fleet import cli as fleet_cli
+
+    p = command("fleet", fleet_cli.cmd_fleet, "PostgreSQL fleet: init, status, sync this door, erase a person, bench")
+    fleet_cli.add_arguments(p)
     p = command("log", cmd_log, "show the door decisions from the audit log")
     p.add_argument("--since", default=None, help="15m, 2h, 7d or an ISO time")
     p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path in the config)")

@@ -195,6 +195,24 @@ class LivenessConfig(Section):
         return "off" if value is False else value
 
 
+class FleetConfig(Section):
+    dsn: str | None = Field(None, description="PostgreSQL connection string of the fleet (None = this door stands alone)")
+    dsn_file: Path | None = Field(None, description="file holding the DSN (with its password), mode 0600; instead of dsn")
+    door_id: str = Field("door", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+                         description="this door's unique name in the fleet (letters, digits, . _ -)")
+    schema_name: str = Field("edge_fleet", min_length=1, max_length=40, pattern=r"^[a-z_][a-z0-9_]*$",
+                             description="PostgreSQL schema holding the fleet tables")
+    sync_interval_s: float = Field(30.0, ge=0.5, le=3600.0, description="pull at least this often (NOTIFY wakes the door sooner)")
+    connect_timeout_s: float = Field(5.0, ge=1.0, le=120.0, description="give up a connection attempt or a stalled link after this")
+    state_path: Path = Field(Path("state/fleet.sqlite"), description="this door's replica state: versions, id map, audit cursor")
+
+    @model_validator(mode="after")
+    def _one_dsn_source(self) -> "FleetConfig":
+        if self.dsn is not None and self.dsn_file is not None:
+            raise ValueError("give either dsn or dsn_file, not both")
+        return self
+
+
 class Config(Section):
     models_dir: Path | None = Field(None, description="model folder (default: $EDGE_MODELS_DIR or ./models)")
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="face detector settings")
@@ -209,6 +227,7 @@ class Config(Section):
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="MQTT broker and Home Assistant discovery")
     images: ImagesConfig = Field(default_factory=ImagesConfig, description="limits on photos read from files")
     liveness: LivenessConfig = Field(default_factory=LivenessConfig, description="presentation-attack detection (photos, screens)")
+    fleet: FleetConfig = Field(default_factory=FleetConfig, description="PostgreSQL fleet sync (off unless a dsn is set)")
 
     def resolved_models_dir(self) -> Path:
         from engines.fetch import default_models_dir

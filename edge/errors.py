@@ -31,3 +31,7 @@ class StoreError(EdgeError):
 
 class CameraError(EdgeError):
     """A camera source cannot be opened or has gone away."""
+
+
+class FleetError(EdgeError):
+    """The fleet database cannot be used by this door (unreachable, refused, newer schema, other model)."""

@@ -84,6 +84,8 @@ ID_BYTES = ID_HEX_DIGITS // 2
 MIN_EMBEDDING_NORM = 1e-6
 # Mean templates are built this many persons at a time (bounds the temporary copy of their rows).
 TEMPLATE_CHUNK_PERSONS = 16384
+# Dividing a float32 unit vector by its own norm again can move its last bits; rows this close to length 1 are kept.
+UNIT_NORM_TOLERANCE = 1e-6
 # The matrix buffer grows by this factor when persons are appended, so bulk enrolment stays linear.
 GROWTH_FACTOR = 1.5
 
@@ -736,6 +738,8 @@ def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     if (norms < MIN_EMBEDDING_NORM).any():
         raise ValueError("an embedding has length ~0 and no direction: the embedder produced invalid output")
+    if (np.abs(norms - 1.0) <= UNIT_NORM_TOLERANCE).all():  # already unit: kept bit for bit (replicas stay identical)
+        return np.ascontiguousarray(rows, dtype=np.float32)
     return np.ascontiguousarray(rows / norms, dtype=np.float32)
 
 
