@@ -40,9 +40,10 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 venv: $(RUNTIME_STAMP)
 dev: $(DEV_STAMP)
 
-# System tools the sandbox tests use (tests/test_systemd.py): command:package pairs, installed with apt-get where
+# System tools the sandbox tests (tests/test_systemd.py) and the browser tests (tests/test_web.py: Debian's chromium
+# and its chromedriver, so nothing downloads a browser build) use: command:package pairs, installed with apt-get where
 # missing and possible; the tests skip, naming the package, where they cannot be.
-SYSTEM_TOOLS := strace:strace systemd-analyze:systemd unshare:util-linux
+SYSTEM_TOOLS := strace:strace systemd-analyze:systemd unshare:util-linux chromium:chromium chromedriver:chromium-driver
 system-tools:
 	@missing=$$(for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
