@@ -199,7 +199,7 @@ class UnknownConfig(Section):
     keep: bool = Field(False, description="keep the best chip + embedding of every unrecognised track for the admin page's inbox (biometric data: off by default)")
     path: Path | None = Field(None, description="folder of the unknown-face inbox, SQLite + chip JPEGs, mode 0600 (None: 'unknown' next to the audit log)")
     retention_days: float = Field(7.0, ge=0.01, le=365.0, description="kept unknown faces older than this are deleted from disk")
-    group_l2: float = Field(0.36, gt=0.0, le=2.0, description="faces closer than this (average linkage) are grouped as one person; README, Unknown-face inbox")
+    group_l2: float = Field(0.34, gt=0.0, le=2.0, description="faces closer than this (average linkage) are grouped as one person; README, Unknown-face inbox")
 
 
 class WebConfig(Section):

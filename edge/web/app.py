@@ -225,7 +225,7 @@ async def remove(request: Request) -> Response:
             with state.store.edit():
                 removed = state.store.remove(person_id)
             forget_thumbnail(state.store.path, removed.id)
-            return removed, forget_in_audit(state.config, SimpleNamespace(audit=state.audit_path), removed.name)
+            return removed, forget_in_audit(state.config, SimpleNamespace(audit=state.audit_path), removed)
 
     try:
         removed, forgotten = await run_in_threadpool(erase)
@@ -257,7 +257,9 @@ def enrol_faces_from(state: State, name: str, photos: list[Path], note: str, for
     """The CLI's enrolment (gates, duplicate check, atomic edit) plus the first face as the thumbnail."""
     from edge.__main__ import enrol_faces, enrolment_face
     from edge.gallery import save_thumbnail
+    from edge.names import clean_name
 
+    clean_name(name)  # a refused name costs no model time
     pipeline = state.pipeline()
     faces = [enrolment_face(pipeline, path, state.config, largest=largest) for path in photos]
     with state.change_lock:
