@@ -19,7 +19,7 @@ help:
 	@echo "make test      set up with test deps and run the test suite"
 	@echo "make models    fetch + sha256-verify + convert the models (offline once done)"
 	@echo "make mutate    mutation testing of decide/door/kiosk/store/quality (slow; MUTATE=\"decide door\" for some)"
-	@echo "make bench     per-stage timings vs face_recognition (same run), kiosk RSS over 1000 frames, MQTT on/off frame time, degradation suite"
+	@echo "make bench     per-stage timings vs face_recognition (same run), kiosk RSS over 1000 frames, MQTT on/off frame time, degradation suite, unknown-face grouping"
 	@echo "make engine    build the TensorRT engine (Jetson / NVIDIA GPU)"
 	@echo "make run       run the door controller with $(CONFIG) on the real camera and GPIO"
 
@@ -69,6 +69,7 @@ bench: dev models
 	$(PY) bench/kiosk_rss.py --frames 1000
 	-$(PY) bench/mqtt_frame_time.py
 	$(if $(wildcard $(BENCH_DATA)/pairs/master.csv),$(PY) -m edge bench degrade --pairs $(BENCH_DATA)/pairs/master.csv)
+	$(if $(wildcard $(BENCH_DATA)/lfw_dev),$(PY) bench/cluster_unknown.py --photos $(BENCH_DATA)/lfw_dev)
 
 $(MUTATE_STAMP): $(DEV_STAMP) requirements-mutate.txt
 	$(PY) -m pip install --quiet -r requirements-mutate.txt

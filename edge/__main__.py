@@ -592,8 +592,12 @@ def cmd_web(args, config: Config) -> int:
     """The admin web page (edge/web): a process of its own next to the door controller."""
     from edge.web.app import serve
 
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    return serve(config.model_copy(update={"web": config.web.model_copy(update=overrides)}) if overrides else config)
+    def updated(section, **fields):
+        return section.model_copy(update={k: v for k, v in fields.items() if v is not None})
+
+    return serve(config.model_copy(update={
+        "web": updated(config.web, host=args.host, port=args.port, admins_file=args.admins),
+        "store": updated(config.store, path=args.store), "audit": updated(config.audit, path=args.audit)}))
 
 
 def cmd_admin(args, config: Config) -> int:
@@ -705,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("web", cmd_web, "serve the admin web page (people, enrolment, log, live view, unknown faces)")
     p.add_argument("--host", default=None, help="listen address (default: web.host, 127.0.0.1)")
     p.add_argument("--port", type=positive_int, default=None, help="TCP port (default: web.port)")
+    p.add_argument("--store", type=Path, default=None, help="store file (default: store.path), as the door's --store")
+    p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path), as the door's --audit")
+    p.add_argument("--admins", type=Path, default=None, help="admins file (default: web.admins_file)")
     p = command("admin", cmd_admin, "manage admin accounts of the web page")
     p.add_argument("action", choices=("set-password",))
     p.add_argument("name", metavar="NAME")

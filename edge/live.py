@@ -1,6 +1,6 @@
-"""The door loop's window for the admin page: every `web.live_interval_s` the latest frame (JPEG) and a status
-document (fps, door state, faces with names) are replaced atomically in `web.live_dir` (mode 0600). The loop never
-waits on the page: it writes a file at most once per interval and forgets it; the page reads the files.
+"""The door loop's window for the admin page: every `web.live_interval_s` the latest frame (JPEG, at most 960 px
+wide) and a status document (fps, door state, faces with names) are replaced atomically in `web.live_dir` (mode
+0600). The loop never waits on the page: it writes a file at most once per interval and forgets it.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ log = logging.getLogger("edge.live")
 FRAME_FILE = "frame.jpg"
 STATUS_FILE = "status.json"
 JPEG_QUALITY = 80
+MAX_WIDTH_PX = 960  # frames are shrunk to this width first: a cheap encode for the loop, enough for a page
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -43,15 +44,18 @@ class LiveWriter:
             return
         fps = self._frames_since / (now - self._last_s) if self._last_s > float("-inf") else 0.0
         self._last_s, self._frames_since = now, 0
+        scale = min(1.0, MAX_WIDTH_PX / frame.image.shape[1])
+        image = frame.image if scale == 1.0 else cv2.resize(frame.image, None, fx=scale, fy=scale,
+                                                            interpolation=cv2.INTER_AREA)
         status = {
             "t_unix": time.time(), "frame": frame.index, "fps": round(fps, 1), "door": "unlocked" if door_unlocked else "locked",
-            "width": int(frame.image.shape[1]), "height": int(frame.image.shape[0]), "events": dict(counts),
-            "faces": [{"box": [round(float(v), 1) for v in f.face.box], "name": m.person if m else None,
+            "width": int(image.shape[1]), "height": int(image.shape[0]), "events": dict(counts),
+            "faces": [{"box": [round(float(v) * scale, 1) for v in f.face.box], "name": m.person if m else None,
                        "distance_l2": round(float(m.distance_l2), 3) if m else None} for f, m in zip(faces, matches)],
         }
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            ok, jpeg = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+            ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
             if ok:
                 write_atomically(self.folder / FRAME_FILE, jpeg.tobytes())
             write_atomically(self.folder / STATUS_FILE, json.dumps(status).encode())

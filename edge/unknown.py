@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.errors import StoreError
+from edge.errors import StoreError, first_line
 from edge.quality import quality_problem, quality_score
 from edge.types import EmbeddedFace, Frame
 
@@ -187,8 +187,13 @@ class UnknownCollector:
         best = self._best.pop(tid, None)
         unknown_frames = self._unknown_frames.pop(tid, 0)
         if best is not None and unknown_frames >= self.min_frames and tid not in self._known:
-            face_id = self.inbox.add(best[1], track=tid)
-            log.info("event=unknown_kept id=%d track=%d frames=%d", face_id, tid, unknown_frames)
+            try:
+                face_id = self.inbox.add(best[1], track=tid)
+                expired = self.inbox.prune()  # retention holds on a loop that runs for months, page opened or not
+            except (StoreError, OSError, sqlite3.Error) as err:  # the inbox is a convenience: never stop the door
+                log.warning("event=unknown_not_kept track=%d error=%s", tid, first_line(err))
+            else:
+                log.info("event=unknown_kept id=%d track=%d frames=%d expired=%d", face_id, tid, unknown_frames, expired)
         self._known.discard(tid)
 
     def flush(self) -> None:

@@ -102,6 +102,16 @@ def test_collector_keeps_the_best_face_of_unknown_tracks_only(tmp_path):
     assert len(inbox.faces()) == 1
 
 
+def test_a_broken_inbox_never_stops_the_door_loop(tmp_path, caplog):
+    (tmp_path / "unknown").write_text("a file where the inbox folder should be")
+    collector = UnknownCollector(UnknownInbox(tmp_path / "unknown"), EnrollConfig(), min_frames=1)
+    stranger = face(np.ones(128, np.float32), seed=4)
+    collector.observe(Frame(image=None, index=0), [stranger], [SimpleNamespace(person=None)],
+                      tracks_for(0, {1: stranger.face.box}))
+    collector.flush()
+    assert "event=unknown_not_kept track=1 error=unknown-face inbox" in caplog.text
+
+
 def test_live_writer_writes_frame_and_status_at_most_once_per_interval(tmp_path):
     clock = iter([0.0, 0.1, 1.2]).__next__
     writer = LiveWriter(tmp_path / "live", interval_s=1.0, clock=clock)
@@ -116,6 +126,11 @@ def test_live_writer_writes_frame_and_status_at_most_once_per_interval(tmp_path)
     assert status["fps"] == pytest.approx(2 / 1.2, abs=0.05)
     assert stat.S_IMODE((tmp_path / "live" / "frame.jpg").stat().st_mode) == 0o600
     assert read_status(tmp_path / "nowhere") is None
+    wide = LiveWriter(tmp_path / "wide", interval_s=0.0)
+    wide.update(Frame(image=np.zeros((1080, 1920, 3), np.uint8)), [face(np.ones(128), seed=100)], [match],
+                door_unlocked=False, counts={})
+    status = read_status(tmp_path / "wide")
+    assert (status["width"], status["height"], status["faces"][0]["box"]) == (960, 540, [50.0, 0.0, 100.0, 50.0])
 
 
 def test_admin_passwords_are_argon2_hashes_in_a_private_file(tmp_path):

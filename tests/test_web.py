@@ -387,7 +387,7 @@ def test_page_through_the_log(browser, site):
 def test_live_and_status(browser, site):
     browser.get(site.url + "/live")
     image = browser.find_element(by("ID"), "live")
-    assert wait_until(lambda: browser.execute_script("return arguments[0].naturalWidth", image) == 1920, 5)
+    assert wait_until(lambda: browser.execute_script("return arguments[0].naturalWidth", image) == 960, 5)
     assert "Door locked" in main_text(browser)
     shoot(browser, "07-live")
     browser.get(site.url + "/status")
