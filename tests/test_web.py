@@ -34,6 +34,7 @@ SERVER_START_S = 60.0
 EXTRA_LOG_ROWS = 12
 PAGE_SIZE = 5
 SAMPLE_VIDEO = ROOT / "samples" / "video" / "walk_toward_camera.mp4"
+KIT = ROOT / "samples" / "people" / "kit_harington" / "john1.jpeg"
 BIDEN = ROOT / "samples" / "people" / "biden" / "biden.jpg"
 OBAMA = [ROOT / "samples" / "people" / "obama" / "obama.jpg", ROOT / "samples" / "people" / "obama" / "obama2.jpg"]
 
@@ -399,6 +400,26 @@ def test_live_and_status(browser, site):
     browser.refresh()
     assert re.match(r"no frame for 6\d s: stopped or stalled", browser.find_element(by("ID"), "loop").text)
     shoot(browser, "08-status")
+
+
+def test_enrol_from_the_door_camera(browser, site):
+    frame = site.folder / "live" / "frame.jpg"
+    os.utime(frame, (time.time() - 60, time.time() - 60))  # the loop stopped a minute ago
+
+    def capture(name: str) -> None:
+        browser.get(site.url + "/enrol")
+        form = browser.find_element(by("CSS_SELECTOR"), "form[action='/enrol/capture']")
+        form.find_element(by("NAME"), "name").send_keys(name)
+        navigate(browser, form.find_element(by("TAG_NAME"), "button"))
+
+    capture("Kit")
+    assert "no recent frame from the door camera" in browser.find_element(by("CSS_SELECTOR"), "p.msg.error").text
+    shutil.copyfile(KIT, frame)  # the loop's latest frame: Kit at the door
+    capture("Kit")
+    assert "enrolled Kit from the door camera" in main_text(browser)
+    assert people_in_store(site) == ["Visitor One", "Kit"]
+    row = browser.find_element(by("CSS_SELECTOR"), "tr[data-person='Kit']")
+    assert "door camera, by ann" in row.text
 
 
 def test_wrong_passwords_are_rate_limited(site):

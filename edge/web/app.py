@@ -34,6 +34,7 @@ from starlette.staticfiles import StaticFiles
 from edge.audit import AuditLog, parse_since
 from edge.config import Config
 from edge.errors import EdgeError, InputError
+from edge.store import ABSENT_DISTANCE_L2
 from edge.web.auth import LoginLimiter, Sessions, read_admins, tokens_match, verify_password
 
 log = logging.getLogger("edge.web")
@@ -356,7 +357,8 @@ async def log_page(request: Request) -> Response:
                                    limit=page_size, offset=(number - 1) * page_size)
     pages = max((total + page_size - 1) // page_size, 1)
     return page(request, "log.html", rows=rows, total=total, number=number, pages=pages, person=person,
-                event=event, since=since, events=EVENTS, actions=state.audit.admin_actions(10))
+                event=event, since=since, events=EVENTS, actions=state.audit.admin_actions(10),
+                absent_l2=ABSENT_DISTANCE_L2)
 
 
 async def snapshot(request: Request) -> Response:
