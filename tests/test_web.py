@@ -166,18 +166,19 @@ def shoot(driver, name: str) -> None:
 
 
 def navigate(driver, click) -> None:
-    """Click something that loads a new page (accepting a confirm dialog if one opens) and wait for that page."""
-    from selenium.common.exceptions import NoAlertPresentException
-    from selenium.webdriver.support import expected_conditions
+    """Click something that loads a new page (accepting a confirm dialog if one opens) and wait for that page: the
+    old page's window carries a mark the new one lacks (Chrome's staleness checks can race a navigation)."""
+    from selenium.common.exceptions import NoAlertPresentException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    old = driver.find_element(by("TAG_NAME"), "html")
+    driver.execute_script("window.__edgeOldPage = true")
     click.click()
     try:
         driver.switch_to.alert.accept()
     except NoAlertPresentException:
         pass
-    WebDriverWait(driver, 30).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,)).until(lambda d: d.execute_script(
+        "return window.__edgeOldPage === undefined && document.readyState === 'complete'"))
 
 
 def main_text(driver) -> str:
