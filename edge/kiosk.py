@@ -133,7 +133,8 @@ class Kiosk:
         if self.unknown is not None:
             self.unknown.observe(frame, faces, matches, self.decider.tracks)
         if self.live is not None:
-            self.live.update(frame, faces, matches, door_unlocked=self.door.is_unlocked, counts=self.counts)
+            self.live.update(frame, faces, matches, door_unlocked=self.door.is_unlocked, counts=self.counts,
+                             fps=self.recent_fps())
         return events
 
     def _fused_matches(self, faces: list[EmbeddedFace], frame_index: int) -> list[Match | None]:

@@ -34,16 +34,13 @@ class LiveWriter:
         self.interval_s = interval_s
         self.clock = clock
         self._last_s = float("-inf")
-        self._frames_since = 0
 
-    def update(self, frame, faces, matches, *, door_unlocked: bool, counts: dict) -> None:
+    def update(self, frame, faces, matches, *, door_unlocked: bool, counts: dict, fps: float) -> None:
         """Called once per processed frame; writes when the interval has passed. A failure is logged, not raised."""
-        self._frames_since += 1
         now = self.clock()
         if now - self._last_s < self.interval_s:
             return
-        fps = self._frames_since / (now - self._last_s) if self._last_s > float("-inf") else 0.0
-        self._last_s, self._frames_since = now, 0
+        self._last_s = now
         scale = min(1.0, MAX_WIDTH_PX / frame.image.shape[1])
         image = frame.image if scale == 1.0 else cv2.resize(frame.image, None, fx=scale, fy=scale,
                                                             interpolation=cv2.INTER_AREA)
