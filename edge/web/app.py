@@ -254,7 +254,8 @@ async def drain(request: Request, limit_bytes: int) -> None:
             break
 
 
-def enrol_faces_from(state: State, name: str, photos: list[Path], note: str, force: bool, *, largest: bool):
+def enrol_faces_from(state: State, name: str, photos: list[Path], note: str, force: bool, *, largest: bool,
+                     source: str):
     """The CLI's enrolment (gates, duplicate check, atomic edit) plus the first face as the thumbnail."""
     from edge.__main__ import enrol_faces, enrolment_face
     from edge.gallery import save_thumbnail
@@ -264,7 +265,8 @@ def enrol_faces_from(state: State, name: str, photos: list[Path], note: str, for
     pipeline = state.pipeline()
     faces = [enrolment_face(pipeline, path, state.config, largest=largest) for path in photos]
     with state.change_lock:
-        result = enrol_faces(state.store, name, faces, [p.name for p in photos], state.config,
+        result = enrol_faces(state.store, name, faces, [p.name for p in photos], [f"{source} {p.name}" for p in photos],
+                             state.config,
                              SimpleNamespace(force=force, note=note))
     save_thumbnail(state.store.path, result["id"], faces[0].chip)
     return result
@@ -304,7 +306,7 @@ async def enrol(request: Request) -> Response:
         try:
             result = await run_in_threadpool(
                 enrol_faces_from, state, name, photos, f"web upload by {request.state.session.admin}",
-                form.get("force") == "on", largest=False)
+                form.get("force") == "on", largest=False, source="web upload")
         except EdgeError as err:
             return refuse(name, re.sub(rf"{re.escape(folder)}/\d+/", "", str(err)))
     admin_action(request, "enrol", f"person {result['id']}, {len(photos)} photo(s) uploaded")
@@ -331,7 +333,7 @@ async def capture(request: Request) -> Response:
         try:
             result = await run_in_threadpool(
                 enrol_faces_from, state, name, [still], f"door camera, by {request.state.session.admin}",
-                form.get("force") == "on", largest=True)
+                form.get("force") == "on", largest=True, source="door camera")
         except EdgeError as err:
             return page(request, "enrol.html", 400, max_mb=state.config.web.max_upload_mb, name=name,
                         errors=[str(err).replace(f"{folder}/", "")])
@@ -481,7 +483,8 @@ async def unknown_enrol(request: Request) -> Response:
 
     def add():
         with state.change_lock:
-            result = enrol_faces(state.store, name, faces, [f"unknown face {f.id}" for f in faces], state.config,
+            labels = [f"unknown face {f.id}" for f in faces]
+            result = enrol_faces(state.store, name, faces, labels, [f"inbox: {label}" for label in labels], state.config,
                                  SimpleNamespace(force=form.get("force") == "on",
                                                  note=f"unknown inbox, by {request.state.session.admin}"))
         best = max(faces, key=lambda f: f.quality)
