@@ -19,7 +19,7 @@ help:
 	@echo "make test      set up with test deps and run the test suite"
 	@echo "make models    fetch + sha256-verify + convert the models (offline once done)"
 	@echo "make mutate    mutation testing of the safety modules, see README (slow; MUTATE=\"decide door\" for some)"
-	@echo "make bench     per-stage timings vs face_recognition (same run), kiosk RSS over 1000 frames, MQTT on/off frame time, degradation suite"
+	@echo "make bench     per-stage timings vs face_recognition (same run), kiosk RSS over 1000 frames, MQTT on/off frame time, degradation suite, unknown-face grouping"
 	@echo "make bench-fleet  20 door processes, 10,000 people, 1,000 operations and a 60 s cut against PostgreSQL"
 	@echo "make engine    build the TensorRT engine (Jetson / NVIDIA GPU)"
 	@echo "make run       run the door controller with $(CONFIG) on the real camera and GPIO"
@@ -41,9 +41,10 @@ $(DEV_STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 venv: $(RUNTIME_STAMP)
 dev: $(DEV_STAMP)
 
-# System tools the sandbox tests use (tests/test_systemd.py): command:package pairs, installed with apt-get where
+# System tools the sandbox tests (tests/test_systemd.py) and the browser tests (tests/test_web.py: Debian's chromium
+# and its chromedriver, so nothing downloads a browser build) use: command:package pairs, installed with apt-get where
 # missing and possible; the tests skip, naming the package, where they cannot be.
-SYSTEM_TOOLS := strace:strace systemd-analyze:systemd unshare:util-linux
+SYSTEM_TOOLS := strace:strace systemd-analyze:systemd unshare:util-linux chromium:chromium chromedriver:chromium-driver
 system-tools:
 	@missing=$$(for pair in $(SYSTEM_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair#*:}; done); \
 	if [ -z "$$missing" ]; then exit 0; fi; \
@@ -69,6 +70,7 @@ bench: dev models
 	$(PY) bench/kiosk_rss.py --frames 1000
 	-$(PY) bench/mqtt_frame_time.py
 	$(if $(wildcard $(BENCH_DATA)/pairs/master.csv),$(PY) -m edge bench degrade --pairs $(BENCH_DATA)/pairs/master.csv)
+	$(if $(wildcard $(BENCH_DATA)/lfw_dev),$(PY) bench/cluster_unknown.py --photos $(BENCH_DATA)/lfw_dev)
 
 $(MUTATE_STAMP): $(DEV_STAMP) requirements-mutate.txt
 	$(PY) -m pip install --quiet -r requirements-mutate.txt

@@ -199,8 +199,6 @@ def check_not_duplicate(store, name: str, embedding, threshold_l2: float, force:
 def enrol_person(pipeline, store, name: str, paths: list[Path], config: Config, args) -> dict:
     """Embed every photo and add each one that passes the gates as a row, in one atomic edit; the others are
     skipped with their reason (InputError when none passes)."""
-    import numpy as np
-
     name = clean_name(name)  # a refused name costs no model time
     faces, used, skipped = [], [], []
     for path in paths:
@@ -214,12 +212,22 @@ def enrol_person(pipeline, store, name: str, paths: list[Path], config: Config, 
             skipped.append({"photo": str(path), "reason": str(err)})
     if not faces:
         raise InputError(f"none of the {len(paths)} photos of {name} can be enrolled (first: {skipped[0]['reason']})")
-    paths = used
+    return enrol_faces(store, name, faces, used, [f"photo {path.name}" for path in used], config, args, skipped)
+
+
+def enrol_faces(store, name: str, faces: list, labels: list, sources: list[str], config: Config, args,
+                skipped: list | None = None) -> dict:
+    """Add faces that passed the gates (from photos, the door camera or the unknown inbox) as rows of a person in
+    one atomic edit, after the duplicate check against everyone else; `labels` name the faces in messages,
+    `sources` are kept with the rows."""
+    import numpy as np
+
+    name = clean_name(name)
+    skipped = skipped or []
     embeddings = np.stack([f.embedding for f in faces])
-    sources = [f"photo {path.name}" for path in paths]
     with store.edit():
-        for face, path in zip(faces, paths):
-            check_not_duplicate(store, name, face.embedding, config.match.threshold_l2, args.force, path)
+        for face, label in zip(faces, labels):
+            check_not_duplicate(store, name, face.embedding, config.match.threshold_l2, args.force, label)
         try:
             existing = store.find(name)
         except StoreError:
@@ -228,9 +236,9 @@ def enrol_person(pipeline, store, name: str, paths: list[Path], config: Config, 
             person, action = store.add_person(name, embeddings, note=args.note, sources=sources), "enrolled"
         else:
             person, action = store.add_embeddings(existing.id, embeddings, sources=sources), "added to"
-    say(f"{action} {person.name}: {len(paths)} photo(s), {person.embedding_count} template(s)"
+    say(f"{action} {person.name}: {len(faces)} photo(s), {person.embedding_count} template(s)"
         + (f", {len(skipped)} photo(s) skipped" if skipped else ""))
-    return {"name": person.name, "id": person.id, "photos": [str(p) for p in paths], "templates": person.embedding_count,
+    return {"name": person.name, "id": person.id, "photos": [str(p) for p in labels], "templates": person.embedding_count,
             "skipped": skipped}
 
 
@@ -306,8 +314,11 @@ def cmd_people(args, config: Config) -> int:
             result = person_dict(store.rename(args.person, args.new_name))
         say(f"renamed to {result['name']}")
     else:
+        from edge.gallery import forget_thumbnail
+
         with store.edit():
             removed = store.remove(args.person)
+        forget_thumbnail(store.path, removed.id)
         forgotten = forget_in_audit(config, args, removed)
         result = {**person_dict(removed), "removed": True, "audit_rows_anonymised": forgotten}
         say(f"removed {removed.name}: templates erased, {forgotten} log entries anonymised")
@@ -424,7 +435,8 @@ def run_door_loop(args, config: Config, stop) -> int:
     emit, close_sink = event_sink(args.events)
     bridge = open_mqtt(config, door, audit_path)
     kiosk = Kiosk(config=config, pipeline=pipeline, store=store, door=door, audit=audit,
-                  emit=emit if bridge is None else bridge.tee(emit), press_button_at=set(args.press_button_at or []))
+                  emit=emit if bridge is None else bridge.tee(emit), press_button_at=set(args.press_button_at or []),
+                  **surface_feeds(config, audit_path))
     if bridge is not None:
         bridge.stats = lambda: {"fps": round(kiosk.recent_fps(), 1), "people": len(store)}
         bridge.start()
@@ -460,6 +472,26 @@ def open_mqtt(config: Config, door, audit_path: Path):
     cfg = config.mqtt if config.mqtt.outbox_path else config.mqtt.model_copy(
         update={"outbox_path": audit_path.parent / "mqtt_outbox.sqlite"})
     return MqttBridge(cfg, door=door, audit=AuditLog(audit_path, retention_days=config.audit.retention_days))
+
+def surface_folders(config: Config, audit_path: Path) -> tuple[Path, Path]:
+    """(unknown-face inbox, live frame) folders: configured, else next to the audit log like its snapshots."""
+    return config.unknown.path or audit_path.parent / "unknown", config.web.live_dir or audit_path.parent / "live"
+
+
+def surface_feeds(config: Config, audit_path: Path) -> dict:
+    """The door loop's feeds for the admin page: the unknown-face inbox (unknown.keep) and the live frame/status."""
+    from edge.live import LiveWriter
+    from edge.unknown import UnknownCollector, UnknownInbox
+
+    unknown_dir, live_dir = surface_folders(config, audit_path)
+    feeds = {}
+    if config.unknown.keep:
+        inbox = UnknownInbox(unknown_dir, retention_days=config.unknown.retention_days)
+        inbox.prune()
+        feeds["unknown"] = UnknownCollector(inbox, config.enroll, min_frames=config.decide.votes_needed)
+    if config.web.live_interval_s > 0:
+        feeds["live"] = LiveWriter(live_dir, interval_s=config.web.live_interval_s)
+    return feeds
 
 
 def start_fleet(config: Config, store_path: Path, audit_path: Path, fingerprint: str):
@@ -577,6 +609,36 @@ def cmd_doctor(args, config: Config) -> int:
     return 0 if all(r["ok"] for r in results) else 2
 
 
+def cmd_web(args, config: Config) -> int:
+    """The admin web page (edge/web): a process of its own next to the door controller."""
+    from edge.web.app import serve
+
+    def updated(section, **fields):
+        return section.model_copy(update={k: v for k, v in fields.items() if v is not None})
+
+    return serve(config.model_copy(update={
+        "web": updated(config.web, host=args.host, port=args.port, admins_file=args.admins),
+        "store": updated(config.store, path=args.store), "audit": updated(config.audit, path=args.audit)}))
+
+
+def cmd_admin(args, config: Config) -> int:
+    """`admin set-password NAME`: the password from the terminal (asked twice) or one line on stdin."""
+    import getpass
+
+    from edge.web.auth import set_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"new password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise InputError("the two passwords differ; nothing changed")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    path = args.admins or config.web.admins_file
+    set_password(path, args.name, password)
+    say(f"password set for {args.name} in {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineUsageParser(prog="python -m edge", description="Face-recognition door controller")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -669,6 +731,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("fleet", fleet_cli.cmd_fleet, "PostgreSQL fleet: init, status, sync this door, erase a person, bench")
     fleet_cli.add_arguments(p)
+    p = command("web", cmd_web, "serve the admin web page (people, enrolment, log, live view, unknown faces)")
+    p.add_argument("--host", default=None, help="listen address (default: web.host, 127.0.0.1)")
+    p.add_argument("--port", type=positive_int, default=None, help="TCP port (default: web.port)")
+    p.add_argument("--store", type=Path, default=None, help="store file (default: store.path), as the door's --store")
+    p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path), as the door's --audit")
+    p.add_argument("--admins", type=Path, default=None, help="admins file (default: web.admins_file)")
+    p = command("admin", cmd_admin, "manage admin accounts of the web page")
+    p.add_argument("action", choices=("set-password",))
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--admins", type=Path, default=None, help="admins file (default: web.admins_file)")
     p = command("log", cmd_log, "show the door decisions from the audit log")
     p.add_argument("--since", default=None, help="15m, 2h, 7d or an ISO time")
     p.add_argument("--audit", type=Path, default=None, help="audit log (default: audit.path in the config)")

@@ -36,6 +36,13 @@ CREATE TABLE IF NOT EXISTS decisions (
     liveness_evidence TEXT
 );
 CREATE INDEX IF NOT EXISTS decisions_time ON decisions (t_unix);
+CREATE TABLE IF NOT EXISTS admin_actions (
+    id INTEGER PRIMARY KEY,
+    t_unix REAL NOT NULL,
+    admin TEXT NOT NULL,
+    action TEXT NOT NULL,
+    detail TEXT
+);
 """
 # Logs written before rows carried the person id or the liveness verdict gain those columns (NULL in their old
 # rows) when opened.
@@ -118,6 +125,45 @@ class AuditLog:
             f"SELECT {', '.join(COLUMNS)} FROM decisions WHERE t_unix >= ? ORDER BY t_unix, id", (since_unix,)
         )
         return [dict(zip(COLUMNS, row)) for row in cursor]
+
+    def page(self, *, person: str | None = None, event: str | None = None, since_unix: float = 0.0,
+             until_unix: float | None = None, limit: int = 25, offset: int = 0) -> tuple[list[dict], int]:
+        """One page of decisions, newest first, filtered by person name, event and time; and the total matching."""
+        where, params = ["t_unix >= ?"], [since_unix]
+        if until_unix is not None:
+            where.append("t_unix < ?")
+            params.append(until_unix)
+        if person:
+            where.append("person = ?")
+            params.append(person)
+        if event:
+            where.append("event = ?")
+            params.append(event)
+        clause = " AND ".join(where)
+        db = self._connect()
+        total = db.execute(f"SELECT COUNT(*) FROM decisions WHERE {clause}", params).fetchone()[0]
+        cursor = db.execute(f"SELECT {', '.join(COLUMNS)} FROM decisions WHERE {clause} ORDER BY t_unix DESC, id DESC"
+                            " LIMIT ? OFFSET ?", (*params, limit, offset))
+        return [dict(zip(COLUMNS, row)) for row in cursor], int(total)
+
+    def snapshot_of(self, row_id: int) -> Path | None:
+        """The snapshot file of one decision, None when it has none (or it was erased)."""
+        row = self._connect().execute("SELECT snapshot FROM decisions WHERE id = ?", (row_id,)).fetchone()
+        return Path(row[0]) if row and row[0] else None
+
+    def record_admin(self, admin: str, action: str, detail: str = "", t_unix: float | None = None) -> int:
+        """Append one admin action (who did what from the web page); details name person ids, never faces."""
+        cursor = self._connect().execute(
+            "INSERT INTO admin_actions (t_unix, admin, action, detail) VALUES (?, ?, ?, ?)",
+            (time.time() if t_unix is None else t_unix, admin, action, detail),
+        )
+        return int(cursor.lastrowid)
+
+    def admin_actions(self, limit: int = 50) -> list[dict]:
+        """The latest admin actions, newest first."""
+        cursor = self._connect().execute(
+            "SELECT t_unix, admin, action, detail FROM admin_actions ORDER BY t_unix DESC, id DESC LIMIT ?", (limit,))
+        return [dict(zip(("t_unix", "admin", "action", "detail"), row)) for row in cursor]
 
     def prune(self, now_unix: float | None = None) -> int:
         """Delete rows (and their snapshots) older than the retention period; returns how many."""

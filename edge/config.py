@@ -213,6 +213,34 @@ class FleetConfig(Section):
         return self
 
 
+class UnknownConfig(Section):
+    keep: bool = Field(False, description="keep the best chip + embedding of every unrecognised track for the admin page's inbox (biometric data: off by default)")
+    path: Path | None = Field(None, description="folder of the unknown-face inbox, SQLite + chip JPEGs, mode 0600 (None: 'unknown' next to the audit log)")
+    retention_days: float = Field(7.0, ge=0.01, le=365.0, description="kept unknown faces older than this are deleted from disk")
+    group_l2: float = Field(0.34, gt=0.0, le=2.0, description="faces closer than this (average linkage) are grouped as one person; README, Unknown-face inbox")
+
+
+class WebConfig(Section):
+    host: str = Field("127.0.0.1", description="address the admin page listens on (127.0.0.1: this machine only; use an SSH tunnel or TLS)")
+    port: int = Field(8080, ge=1, le=65535, description="TCP port of the admin page")
+    admins_file: Path = Field(Path("state/admins.json"), description="admin names and argon2 password hashes (python -m edge admin set-password)")
+    tls_cert: Path | None = Field(None, description="PEM certificate: serve HTTPS and mark the session cookie Secure")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
+    session_hours: float = Field(8.0, ge=0.1, le=720.0, description="a login lasts this long")
+    login_attempts: int = Field(5, ge=1, le=100, description="failed logins allowed per client address in login_window_s before refusing")
+    login_window_s: float = Field(300.0, ge=1.0, le=86400.0, description="window for login_attempts")
+    max_upload_mb: float = Field(20.0, ge=0.1, le=500.0, description="largest upload accepted (all photos of one form together)")
+    page_size: int = Field(25, ge=5, le=500, description="log rows per page")
+    live_dir: Path | None = Field(None, description="where the door loop leaves its latest frame and status for the page (None: 'live' next to the audit log)")
+    live_interval_s: float = Field(1.0, ge=0.0, le=60.0, description="the door loop writes its latest frame this often (0 = never: no live view)")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "WebConfig":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
+
+
 class Config(Section):
     models_dir: Path | None = Field(None, description="model folder (default: $EDGE_MODELS_DIR or ./models)")
     detector: DetectorConfig = Field(default_factory=DetectorConfig, description="face detector settings")
@@ -228,6 +256,8 @@ class Config(Section):
     images: ImagesConfig = Field(default_factory=ImagesConfig, description="limits on photos read from files")
     liveness: LivenessConfig = Field(default_factory=LivenessConfig, description="presentation-attack detection (photos, screens)")
     fleet: FleetConfig = Field(default_factory=FleetConfig, description="PostgreSQL fleet sync (off unless a dsn is set)")
+    unknown: UnknownConfig = Field(default_factory=UnknownConfig, description="unknown-face inbox (off by default)")
+    web: WebConfig = Field(default_factory=WebConfig, description="admin web page (python -m edge web)")
 
     def resolved_models_dir(self) -> Path:
         from engines.fetch import default_models_dir

@@ -71,7 +71,7 @@ class StopRequest:
 class Kiosk:
     def __init__(
         self, *, config: Config, pipeline, store, door, audit=None, emit=None, clock=time.monotonic,
-        press_button_at: set[int] = frozenset(),
+        press_button_at: set[int] = frozenset(), unknown=None, live=None,
     ) -> None:
         self.config, self.pipeline, self.store, self.door, self.audit = config, pipeline, store, door, audit
         self.emit = emit or (lambda event: None)
@@ -90,6 +90,7 @@ class Kiosk:
         self.last_faces: list[EmbeddedFace] = []
         self.last_matches: list = []
         self._tracks: list = []
+        self.unknown, self.live = unknown, live  # edge.unknown.UnknownCollector, edge.live.LiveWriter (surfaces' feeds)
 
     def press_button(self) -> None:
         """Called from gpiozero's Button thread (or a test): ask to enrol the next good face."""
@@ -129,6 +130,11 @@ class Kiosk:
             events.append(self._act(decision, frame, faces))
         if self.liveness is not None:
             self.liveness.keep(self.decider.tracks)
+        if self.unknown is not None:
+            self.unknown.observe(frame, faces, matches, self.decider.tracks)
+        if self.live is not None:
+            self.live.update(frame, faces, matches, door_unlocked=self.door.is_unlocked, counts=self.counts,
+                             fps=self.recent_fps())
         return events
 
     def _fused_matches(self, faces: list[EmbeddedFace], frame_index: int) -> list[Match | None]:
@@ -304,6 +310,8 @@ class Kiosk:
             notifier.stopping()
             if own_stop:
                 stop.restore()
+            if self.unknown is not None:
+                self.unknown.flush()
         return processed
 
 

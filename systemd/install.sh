@@ -24,6 +24,7 @@ sed "s|@PREFIX@|$PREFIX|g" "$SRC/systemd/edge-access.service" > /etc/systemd/sys
 install -d -m 755 /etc/systemd/system/edge-access.service.d
 (cd "$PREFIX" && .venv/bin/python -m edge sandbox --config /etc/edge-access/config.yaml) \
   > /etc/systemd/system/edge-access.service.d/sandbox.conf
+sed "s|@PREFIX@|$PREFIX|g" "$SRC/systemd/edge-access-web.service" > /etc/systemd/system/edge-access-web.service
 systemctl daemon-reload
 systemctl enable --now edge-access.service
 echo "install: edge-access enabled; logs: journalctl -u edge-access -f" >&2

@@ -4,8 +4,8 @@
 set -euo pipefail
 PREFIX=${PREFIX:-/opt/edge-access}
 if [ "$(id -u)" -ne 0 ]; then echo "uninstall: run as root (sudo make uninstall)" >&2; exit 2; fi
-systemctl disable --now edge-access.service 2>/dev/null || true
-rm -f /etc/systemd/system/edge-access.service
+systemctl disable --now edge-access.service edge-access-web.service 2>/dev/null || true
+rm -f /etc/systemd/system/edge-access.service /etc/systemd/system/edge-access-web.service
 rm -rf /etc/systemd/system/edge-access.service.d
 systemctl daemon-reload || true
 rm -rf "$PREFIX"
