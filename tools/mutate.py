@@ -25,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # module -> the test files whose in-process tests exercise it (mutmut narrows these down per function)
 MODULES = {
-    "decide": ["test_decide.py", "test_promises_decide.py", "test_promises_door.py", "test_kiosk.py"],
+    "decide": ["test_decide.py", "test_promises_decide.py", "test_promises_door.py", "test_kiosk.py", "test_fuse.py"],
     "door": ["test_door.py", "test_promises_door.py", "test_kiosk.py"],
-    "kiosk": ["test_kiosk.py", "test_promises_kiosk.py", "test_promises_door.py", "test_promises_enrolment.py"],
+    "kiosk": ["test_kiosk.py", "test_promises_kiosk.py", "test_promises_door.py", "test_promises_enrolment.py",
+              "test_fuse.py", "test_liveness.py"],
     "store": ["test_store.py", "test_promises_store.py", "test_names.py", "test_kiosk.py"],
     "quality": ["test_promises_enrolment.py", "test_kiosk.py"],
     "fuse": ["test_fuse.py", "test_decide.py", "test_promises_decide.py"],
