@@ -258,6 +258,44 @@ def test_discovery_availability_and_reannounce_when_home_assistant_comes_online(
     watcher.close()
 
 
+class FlakyOutput:
+    """A relay output that fails while `broken` is set, as a GPIO line lost to a driver error would."""
+
+    broken = False
+
+    @property
+    def is_unlocked(self) -> bool:
+        if self.broken:
+            raise OSError("gpiochip0 line 17: input/output error")
+        return False
+
+
+def test_camera_liveness_and_a_jammed_output_reach_home_assistant(tmp_path, broker, caplog):
+    cfg = mqtt_config(tmp_path, broker)
+    topics = topics_for(cfg)
+    watcher = Watcher(broker, f"{topics.root}/#")
+    door = FlakyOutput()
+    with caplog.at_level(logging.INFO, logger="edge.mqtt"):
+        bridge = MqttBridge(cfg, door=door).start()
+        try:
+            assert wait_until(lambda: watcher.on(topics.camera) == ["ON"] and watcher.on(topics.lock_state) == [LOCKED])
+            bridge.publish_event({"event": "camera_lost", "frame": 7})
+            assert wait_until(lambda: watcher.on(topics.camera) == ["ON", "OFF"])
+            bridge.publish_event({"event": "camera_ok", "frame": 9})
+            bridge.publish_event({"event": "liveness_fail", "frame": 12, "person": "ann"})
+            assert wait_until(lambda: watcher.on(topics.camera) == ["ON", "OFF", "ON"] and watcher.on(topics.liveness) == ["ON"])
+            door.broken = True
+            assert wait_until(lambda: watcher.on(topics.lock_state) == [LOCKED, JAMMED])
+            time.sleep(0.3)  # several polls of the failing output
+            door.broken = False
+            assert wait_until(lambda: watcher.on(topics.lock_state) == [LOCKED, JAMMED, LOCKED])
+        finally:
+            bridge.close()
+    assert caplog.text.count("event=door_jammed") == 1
+    assert watcher.on(topics.events) == []  # only audited decisions are events
+    watcher.close()
+
+
 def test_lock_goes_locked_unlocked_locked_on_the_sample_video_unlock(tmp_path, broker, models_dir):
     cfg = mqtt_config(tmp_path, broker, diagnostics_interval_s=1.0, outbox_path=None)  # default: beside the audit log
     topics = topics_for(cfg)
