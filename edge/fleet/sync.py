@@ -335,14 +335,15 @@ class Replica:
 
     def _push_audit(self, conn: psycopg.Connection, report: SyncReport) -> None:
         """Push decisions after the cursor in id order; the cursor moves only after the centre committed them."""
-        now = time.monotonic()
-        self._erased = {local_id: kept for local_id, kept in self._erased.items() if kept[2] > now}
-        self._forget_in_audit([(local_id, name) for local_id, (_, name, _) in self._erased.items()])
+        erased = self._erased
+        self._forget_in_audit([(local_id, name) for local_id, (_, name, _) in erased.items()])
+        now = time.monotonic()  # dropped only after being forgotten at least once, however slow this round was
+        self._erased = {local_id: kept for local_id, kept in erased.items() if kept[2] > now}
         db = self._audit_db()
         if db is None:
             return
         agreed = self.state.people()
-        central_ids = {local_id: central_id for local_id, (central_id, _, _) in self._erased.items()}
+        central_ids = {local_id: central_id for local_id, (central_id, _, _) in erased.items()}
         central_ids.update((local_id, central_id) for central_id, (local_id, _, _) in agreed.items())
         by_name = {name: central_id for central_id, (_, name, _) in agreed.items()}  # logs older than person ids
         try:
