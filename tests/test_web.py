@@ -271,6 +271,8 @@ def test_enrol_by_upload_and_see_the_person(browser, site):
     thumb = row.find_element(by("CSS_SELECTOR"), "img.thumb")
     assert browser.execute_script("return arguments[0].naturalWidth", thumb) == 150
     assert "web upload by ann" in row.text
+    rows = [item.text for item in row.find_elements(by("CSS_SELECTOR"), "ol.rows li")]
+    assert [r.split(" ")[:3] for r in rows] == [["web", "upload", "obama.jpg"], ["web", "upload", "obama2.jpg"]], rows
     shoot(browser, "02-people-after-upload")
     assert people_in_store(site) == ["Barack Obama"]
 

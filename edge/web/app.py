@@ -179,7 +179,7 @@ async def people(request: Request) -> Response:
 
     state: State = request.app.state.edge
     state.store.reload_if_changed()
-    rows = [(p, thumbnail_path(state.store.path, p.id).exists()) for p in state.store.persons]
+    rows = [(p, thumbnail_path(state.store.path, p.id).exists(), state.store.rows(p.id)) for p in state.store.persons]
     return page(request, "people.html", people=rows)
 
 
