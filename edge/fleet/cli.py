@@ -36,7 +36,7 @@ def cmd_fleet(args, config: Config) -> int:
         from edge.fleet.sim import run_bench
 
         report = run_bench(dsn=args.dsn or central.read_dsn(config.fleet), doors=args.doors, people=args.people,
-                           ops=args.ops, rate=args.rate, cut_s=args.cut_s)
+                           ops=args.ops, rate=args.rate, cut_s=args.cut_s, log=say)
         say("  ".join(f"{k} {v}" for k, v in report.items() if not isinstance(v, (dict, list))))
         if args.json:
             emit_json(report)

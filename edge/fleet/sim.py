@@ -303,7 +303,7 @@ def _spread(seconds: list[float]) -> dict:
 
 
 def run_bench(*, dsn: str, doors: int, people: int, ops: int, rate: float, cut_s: float,
-              work_dir: Path | None = None, log=print) -> dict:
+              work_dir: Path | None = None, log=lambda line: None) -> dict:
     """The whole scenario in a throwaway schema (dropped at the end); returns the measured numbers."""
     import psycopg
 
