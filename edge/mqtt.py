@@ -45,7 +45,6 @@ LIVENESS_PREFIX = "liveness"  # a kiosk event named liveness_* reports a failed 
 LIVENESS_OFF_DELAY_S = 30
 POLL_S = 0.05
 INFLIGHT_MAX = 20
-SUPPORT_URL = "https://github.com/edge-access/edge-access"
 KNOWN = "known"
 UNREACHABLE = "unreachable"
 
@@ -106,7 +105,7 @@ def device_block(dev_id: str) -> dict:
             "model": "face-recognition door controller", "sw_version": __version__}
 
 
-ORIGIN = {"name": "edge-access", "sw_version": __version__, "support_url": SUPPORT_URL}
+ORIGIN = {"name": "edge-access", "sw_version": __version__}
 
 
 def discovery_messages(cfg: MqttConfig) -> list[tuple[str, dict]]:
