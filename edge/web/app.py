@@ -194,6 +194,20 @@ async def thumbnail(request: Request) -> Response:
     return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
 
+async def change_then_report(request: Request, work, *, back: str, refused: str, done) -> Response:
+    """Run one store change off the event loop. Refused (an EdgeError): flash `refused: why`. Done:
+    `done(result)` gives (admin action, its detail, the flash message); the action is audited. Back to `back`."""
+    try:
+        result = await run_in_threadpool(work)
+    except EdgeError as err:
+        flash(request, "error", f"{refused}: {err}")
+        return redirect(back)
+    action, detail, message = done(result)
+    admin_action(request, action, detail)
+    flash(request, "ok", message)
+    return redirect(back)
+
+
 async def rename(request: Request) -> Response:
     state: State = request.app.state.edge
     form = await request.form()
@@ -203,14 +217,9 @@ async def rename(request: Request) -> Response:
         with state.change_lock, state.store.edit():
             return state.store.rename(person_id, new_name)
 
-    try:
-        person = await run_in_threadpool(change)
-    except EdgeError as err:
-        flash(request, "error", f"not renamed: {err}")
-        return redirect("/people")
-    admin_action(request, "rename", f"person {person.id}")
-    flash(request, "ok", f"renamed to {person.name}")
-    return redirect("/people")
+    return await change_then_report(
+        request, change, back="/people", refused="not renamed",
+        done=lambda person: ("rename", f"person {person.id}", f"renamed to {person.name}"))
 
 
 async def remove(request: Request) -> Response:
@@ -228,14 +237,12 @@ async def remove(request: Request) -> Response:
             forget_thumbnail(state.store.path, removed.id)
             return removed, forget_in_audit(state.config, SimpleNamespace(audit=state.audit_path), removed)
 
-    try:
-        removed, forgotten = await run_in_threadpool(erase)
-    except EdgeError as err:
-        flash(request, "error", f"not removed: {err}")
-        return redirect("/people")
-    admin_action(request, "remove", f"person {removed.id}, {forgotten} log entries anonymised")
-    flash(request, "ok", f"removed {removed.name}: templates erased, {forgotten} log entries anonymised")
-    return redirect("/people")
+    def done(result):
+        removed, forgotten = result
+        return ("remove", f"person {removed.id}, {forgotten} log entries anonymised",
+                f"removed {removed.name}: templates erased, {forgotten} log entries anonymised")
+
+    return await change_then_report(request, erase, back="/people", refused="not removed", done=done)
 
 
 # ---- enrolment ------------------------------------------------------------------------------------------------
@@ -494,14 +501,10 @@ async def unknown_enrol(request: Request) -> Response:
         state.inbox.discard([f.id for f in faces])
         return result
 
-    try:
-        result = await run_in_threadpool(add)
-    except EdgeError as err:
-        flash(request, "error", f"not enrolled: {err}")
-        return redirect("/unknown")
-    admin_action(request, "enrol", f"person {result['id']}, {len(faces)} face(s) from the unknown inbox")
-    flash(request, "ok", f"enrolled {result['name']}: {len(faces)} face(s) from the inbox")
-    return redirect("/unknown")
+    return await change_then_report(
+        request, add, back="/unknown", refused="not enrolled",
+        done=lambda result: ("enrol", f"person {result['id']}, {len(faces)} face(s) from the unknown inbox",
+                             f"enrolled {result['name']}: {len(faces)} face(s) from the inbox"))
 
 
 async def unknown_discard(request: Request) -> Response:
