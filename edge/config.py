@@ -79,6 +79,9 @@ class DecideConfig(Section):
     max_missed_frames: int = Field(5, ge=0, le=100, description="a track ends after this many frames without its face")
     cooldown_s: float = Field(10.0, ge=0.0, le=3600.0, description="no second unlock for the same person within this time")
     unknown_interval_s: float = Field(10.0, ge=0.0, le=3600.0, description="at most one `unknown` event per this interval")
+    unknown_refresh_frames: int = Field(
+        5, ge=1, le=100, description="a track voted unknown for a whole window is embedded again every this many frames, "
+        "or sooner once its face is 10 % wider (it came closer); 1 = every frame. Unlocked tracks are not embedded again")
 
     @model_validator(mode="after")
     def _votes_fit_window(self) -> "DecideConfig":

@@ -47,6 +47,14 @@ class Track:
     template: TrackTemplate | None = None
     reported_liveness_fail: bool = False
     liveness: LivenessVerdict = LIVENESS_OFF
+    last_match: Match | None = None  # the latest match taken on the track (shown while frames are not embedded)
+    embedded_frame: int = -1  # the latest frame whose face was embedded, and that face's width
+    embedded_width_px: float = 0.0
+
+    @property
+    def settled_unknown(self) -> bool:
+        """Every vote in a full window says unknown: nobody enrolled is close to this face."""
+        return len(self.votes) == self.votes.maxlen and all(vote is None for vote in self.votes)
 
 
 def iou(a: Box, b: Box) -> float:

@@ -30,6 +30,8 @@ RECENT_FRAMES = 256
 # Button enrolment keeps frames at least this far from each other (consecutive video frames are near-duplicates).
 DISTINCT_FRAME_L2 = 0.05
 AUTO_UPDATE_SOURCE = "auto-update"
+# A settled-unknown track is embedded again as soon as its face is this much wider than at its latest embedding.
+REFRESH_WIDER = 1.1
 
 
 class StopRequest:
@@ -89,7 +91,6 @@ class Kiosk:
         self.counts: Counter[str] = Counter()
         self.last_faces: list[EmbeddedFace] = []
         self.last_matches: list = []
-        self._tracks: list = []
         self.unknown, self.live = unknown, live  # edge.unknown.UnknownCollector, edge.live.LiveWriter (surfaces' feeds)
 
     def press_button(self) -> None:
@@ -110,6 +111,14 @@ class Kiosk:
             self._last_store_check = now
             if self.store.reload_if_changed():
                 log.info("event=store_reloaded people=%d", len(self.store))
+                self._unsettle()
+
+    def _unsettle(self) -> None:
+        """The store changed (someone enrolled, renamed, synced): faces voted unknown so far may be known now, so
+        their tracks are embedded every frame again until their window says unknown again."""
+        for track in self.decider.tracks.values():
+            if track.settled_unknown:
+                track.votes.clear()
 
     def step(self, frame: Frame) -> list[dict]:
         """Process one frame; returns the events it caused (unlock, unknown, liveness_fail, enrolled, enroll_refused)."""
@@ -119,37 +128,65 @@ class Kiosk:
         while len(self._frame_wall) > RECENT_FRAMES:
             self._frame_wall.popitem(last=False)
         self._reload_store()
-        faces = self.pipeline.analyze(frame.image)
-        matches = self._fused_matches(faces, frame.index)
-        self.last_faces, self.last_matches = faces, matches
-        if any(m is not None and m.person in self.config.enroll.admins for m in matches):
+        found = self.pipeline.detect(frame.image)
+        tracks = self.decider.track([f.box for f in found], frame.index)
+        capturing = self._button.is_set() or self._capture_left > 0  # button enrolment looks at every face
+        chosen = [i for i, (track, face) in enumerate(zip(tracks, found)) if capturing or self._needs_embedding(track, face)]
+        embedded = dict(zip(chosen, self.pipeline.embed_faces(frame.image, [found[i] for i in chosen])))
+        faces = [embedded.get(i) or EmbeddedFace(face=face, chip=None, embedding=None) for i, face in enumerate(found)]
+        matches = self._fused_matches(tracks, embedded, frame.index)
+        shown = [match if i in embedded else track.last_match for i, (track, match) in enumerate(zip(tracks, matches))]
+        self.last_faces, self.last_matches = faces, shown
+        if any(m is not None and m.person in self.config.enroll.admins for m in shown):
             self._admin_seen_s = frame.t_s
         events = self._enrolment(frame, faces)
-        live = None if self.liveness is None else (lambda track, i: self.liveness.observe(track, frame, faces[i].face))
-        for decision in self.decider.decide(self._tracks, matches, frame.index, frame.t_s, liveness=live):
+        live = None if self.liveness is None else (lambda track_id, i: self._liveness(tracks[i], frame, found[i]))
+        for decision in self.decider.decide(tracks, matches, frame.index, frame.t_s, liveness=live):
             events.append(self._act(decision, frame, faces))
         if self.liveness is not None:
             self.liveness.keep(self.decider.tracks)
         if self.unknown is not None:
             self.unknown.observe(frame, faces, matches, self.decider.tracks)
         if self.live is not None:
-            self.live.update(frame, faces, matches, door_unlocked=self.door.is_unlocked, counts=self.counts,
+            self.live.update(frame, faces, shown, door_unlocked=self.door.is_unlocked, counts=self.counts,
                              fps=self.recent_fps())
         return events
 
-    def _fused_matches(self, faces: list[EmbeddedFace], frame_index: int) -> list[Match | None]:
-        """Each face joins its track's fused embedding (weighted by its quality); the 1:N match is taken on that.
+    def _needs_embedding(self, track, face) -> bool:
+        """Whether this frame's face of the track must be embedded. An unlocked track is decided (the same track
+        never opens the door twice); one voted unknown for a whole window is refreshed every
+        `decide.unknown_refresh_frames` frames, or as soon as its face is 10 % wider than at its latest embedding
+        (someone enrolled who was too far away to be recognised keeps being looked at as they come closer)."""
+        if track.unlocked:
+            return False
+        if not track.settled_unknown:
+            return True
+        return (track.last_frame - track.embedded_frame >= self.config.decide.unknown_refresh_frames
+                or face.width_px >= REFRESH_WIDER * track.embedded_width_px)
 
-        None for a track none of whose frames counts yet (all side-on): it casts no vote.
-        """
-        self._tracks = self.decider.track([f.face.box for f in faces], frame_index)
-        for track, face in zip(self._tracks, faces):
+    def _liveness(self, track, frame: Frame, face):
+        """The track's liveness verdict with this frame; an unlocked track keeps its verdict (nothing is left to
+        decide on it)."""
+        return track.liveness if track.unlocked else self.liveness.observe(track.id, frame, face)
+
+    def _fused_matches(self, tracks: list, embedded: dict[int, EmbeddedFace], frame_index: int) -> list[Match | None]:
+        """Each embedded face joins its track's fused embedding (weighted by its quality); the 1:N match is taken on
+        that. None, no vote, for a face not embedded this frame and for a track none of whose frames counts yet
+        (all side-on)."""
+        fused: dict[int, np.ndarray] = {}
+        for i, face in embedded.items():
+            track = tracks[i]
             track.template.add(face.embedding, face_weight(face))
-        fused = [track.template.vector() for track in self._tracks]
-        found = [v for v in fused if v is not None]
-        answers = iter(self.store.match(np.stack(found), threshold_l2=self.config.match.threshold_l2,
-                                        margin_l2=self.config.match.margin_l2) if found else [])
-        return [next(answers) if v is not None else None for v in fused]
+            track.embedded_frame, track.embedded_width_px = frame_index, face.face.width_px
+            vector = track.template.vector()
+            if vector is not None:
+                fused[i] = vector
+        answers = self.store.match(np.stack(list(fused.values())), threshold_l2=self.config.match.threshold_l2,
+                                   margin_l2=self.config.match.margin_l2) if fused else []
+        matches: list[Match | None] = [None] * len(tracks)
+        for i, match in zip(fused, answers):
+            matches[i] = tracks[i].last_match = match
+        return matches
 
     def _act(self, decision: Decision, frame: Frame, faces: list[EmbeddedFace]) -> dict:
         door_action = "none"
@@ -222,6 +259,7 @@ class Kiosk:
         except StoreError as err:  # the door loop goes on; the admin sees why and can press again
             return self._event("enroll_refused", frame, reason=str(err))
         self.door.confirm()
+        self._unsettle()
         return self._event("enrolled", frame, person=name, rows=len(chosen))
 
     def _auto_update(self, decision: Decision, frame: Frame) -> dict | None:

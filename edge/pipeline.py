@@ -32,21 +32,33 @@ class Pipeline:
         self.last_ms[stage] = (now - start) * 1e3
         return now
 
-    def locate(self, image: np.ndarray, *, thorough: bool = False) -> list[Face]:
-        """Faces with 5-point landmarks, largest first; `thorough` for photos (see FaceDetector.detect)."""
+    def detect(self, image: np.ndarray, *, thorough: bool = False) -> list[Face]:
+        """Face boxes without landmarks, largest first (the door loop asks for landmarks only where it embeds)."""
         self.last_ms = {}
         start = time.perf_counter()
         found = self.detector.detect(image, thorough=thorough)
-        start = self._tick("detect", start)
-        if not found:
-            self.last_ms["landmarks"] = 0.0
-            return []
-        points = self.landmarks.predict(image, predictor_boxes(np.array([f.box for f in found])))
+        self._tick("detect", start)
+        return found
+
+    def add_landmarks(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
+        """The faces with their 5-point landmarks (predicted where missing)."""
+        start = time.perf_counter()
+        missing = [i for i, f in enumerate(faces) if f.landmarks is None]
+        if missing:
+            points = self.landmarks.predict(image, predictor_boxes(np.array([faces[i].box for i in missing])))
+            faces = list(faces)
+            for i, p in zip(missing, points):
+                faces[i] = Face(box=faces[i].box, score=faces[i].score, landmarks=p)
         self._tick("landmarks", start)
-        return [Face(box=f.box, score=f.score, landmarks=p) for f, p in zip(found, points)]
+        return faces
+
+    def locate(self, image: np.ndarray, *, thorough: bool = False) -> list[Face]:
+        """Faces with 5-point landmarks, largest first; `thorough` for photos (see FaceDetector.detect)."""
+        return self.add_landmarks(image, self.detect(image, thorough=thorough))
 
     def embed_faces(self, image: np.ndarray, faces: list[Face]) -> list[EmbeddedFace]:
-        """Aligned chips and unit embeddings for faces that already carry landmarks."""
+        """Aligned chips and unit embeddings (landmarks predicted first for faces without them)."""
+        faces = self.add_landmarks(image, faces)
         start = time.perf_counter()
         chips = np.stack([align_chip(image, f.landmarks, size_px=CHIP_PX) for f in faces]) if faces else np.zeros(
             (0, CHIP_PX, CHIP_PX, 3), np.uint8

@@ -38,11 +38,12 @@ class Face:
 
 @dataclass(frozen=True)
 class EmbeddedFace:
-    """A face with its aligned chip (150×150 BGR) and unit-length 128-D embedding."""
+    """A face with its aligned chip (150×150 BGR) and unit-length 128-D embedding (both None for a face the door
+    loop did not embed this frame: its track is decided)."""
 
     face: Face
-    chip: np.ndarray
-    embedding: np.ndarray
+    chip: np.ndarray | None
+    embedding: np.ndarray | None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,21 @@ MODEL_FILES = (
 SHARED_DATA = Path(os.environ.get("EDGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+class AnalyzeFake:
+    """Base of pipeline doubles that define `analyze(image)` → EmbeddedFaces: serves the door loop's two phases
+    (`detect`, then `embed_faces` for the faces the loop chose to embed) from it and counts the faces embedded."""
+
+    embedded = 0
+
+    def detect(self, image):
+        self._analyzed = self.analyze(image)
+        return [f.face for f in self._analyzed]
+
+    def embed_faces(self, image, faces):
+        self.embedded += len(faces)
+        return [next(e for e in self._analyzed if e.face is face) for face in faces]
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The models folder filled by `make models`; tests need the real models, so a missing one is an error."""

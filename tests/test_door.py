@@ -174,8 +174,11 @@ SIGTERM_CHILD = textwrap.dedent(
     face = EmbeddedFace(Face((0, 0, 100, 100), 0.99), chip, np.ones(128, np.float32))  # weigh 0 in track fusion
 
     class Pipeline:
-        def analyze(self, image):
-            return [face]
+        def detect(self, image):
+            return [face.face]
+
+        def embed_faces(self, image, faces):
+            return [face for _ in faces]
 
     class Store:
         def reload_if_changed(self):

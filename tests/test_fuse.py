@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import AnalyzeFake
 from edge.config import Config, DecideConfig, LivenessConfig
 from edge.decide import Decider
 from edge.door import SimulatedDoor
@@ -37,7 +38,7 @@ def test_track_template_fuses_the_last_frames_by_weight():
     assert np.allclose(template.vector(), b) and template.frames == 3
 
 
-class ScriptedFaces:
+class ScriptedFaces(AnalyzeFake):
     """analyze(image) → one frontal, sharp face whose embedding is script[frame index] (the image carries the index)."""
 
     def __init__(self, script: np.ndarray) -> None:

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import sigterm_when_ready, untrusted_text, wait_until
+from conftest import AnalyzeFake, sigterm_when_ready, untrusted_text, wait_until
 from gpiozero.pins.mock import MockFactory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -204,7 +204,7 @@ def image_of(code: int) -> np.ndarray:
     return np.full((4, 4, 3), code, np.uint8)
 
 
-class FakePipeline:
+class FakePipeline(AnalyzeFake):
     """analyze(image) → the face of the person whose code fills the image; NOBODY → none; CRASH → RuntimeError."""
 
     def __init__(self) -> None:

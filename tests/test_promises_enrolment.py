@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, cli
+from conftest import ROOT, AnalyzeFake, cli
 from test_kiosk import ALICE, FRONTAL_LANDMARKS, SHARP_CHIP, embedding_of, face_of, frames, store  # noqa: F401
 from test_store import nudged
 
@@ -137,7 +137,7 @@ GATE_FACES = {
 }
 
 
-class GatePipeline:
+class GatePipeline(AnalyzeFake):
     """analyze(image) → the face of GATE_FACES (or test_kiosk's face_of) whose code fills the image."""
 
     def __init__(self, extra: dict[int, EmbeddedFace] | None = None) -> None:

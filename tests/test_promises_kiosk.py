@@ -233,3 +233,80 @@ def test_a_failed_audit_write_is_logged_and_the_door_still_opens(store, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "event=audit_write_failed decision=unlock frame=2 error=OSError: [Errno 28] No space left on device",
         "event=audit_write_failed decision=unknown frame=12 error=OSError: [Errno 28] No space left on device"]
+
+
+# ---- doing less per frame: a decided track is not embedded again ----------------------------------------------
+
+
+def test_an_unlocked_track_is_not_embedded_again_and_shows_its_match(store):
+    kiosk, events = kiosk_on(store, HandClock())
+    for frame in frames([ALICE] * 30):
+        kiosk.step(frame)
+    assert [(e["event"], e["frame"]) for e in events] == [("unlock", 2)]
+    assert kiosk.pipeline.embedded == 3, "the votes_needed frames before the unlock, none after"
+    [face], [shown] = kiosk.last_faces, kiosk.last_matches
+    assert face.embedding is None and shown.person == "alice"
+
+
+@pytest.mark.parametrize(("refresh", "embedded"), [(5, 5 + 5), (1, 30)])
+def test_a_track_voted_unknown_for_a_whole_window_is_embedded_every_refresh_frames(store, refresh, embedded):
+    config = Config.model_validate({"decide": {"unknown_refresh_frames": refresh}, **NO_LIVENESS})
+    kiosk, events = kiosk_on(store, HandClock(), config=config)
+    for frame in frames([CAROL] * 30):  # carol is not enrolled
+        kiosk.step(frame)
+    assert [(e["event"], e["frame"]) for e in events] == [("unknown", 2)]
+    assert kiosk.pipeline.embedded == embedded  # frames 0-4 fill the window, then 9, 14, 19, 24, 29
+
+
+class Approaching(FakePipeline):
+    """Carol's face (not enrolled), 3 % wider every frame; records the frames whose face was embedded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedded_frames: list[int] = []
+
+    def analyze(self, image):
+        from edge.types import EmbeddedFace, Face
+
+        index = int(image[0, 0, 0])
+        width = 100.0 * 1.03**index
+        face = FakePipeline().analyze(image_of(CAROL))[0]
+        return [EmbeddedFace(Face((0.0, 0.0, width, width), 0.99, face.face.landmarks), face.chip, face.embedding)]
+
+    def embed_faces(self, image, faces):
+        self.embedded_frames += [int(image[0, 0, 0])] * len(faces)
+        return super().embed_faces(image, faces)
+
+
+def test_an_unknown_face_coming_closer_is_embedded_again_once_it_is_a_tenth_wider(store):
+    kiosk = Kiosk(config=FAKES_CONFIG, pipeline=Approaching(), store=store, door=SimulatedDoor(), clock=HandClock())
+    for frame in frames(list(range(30))):  # the image carries the frame index
+        kiosk.step(frame)
+    # settled after frame 4 (width 112.6); 1.03^4 > 1.1 (before the 5-frame refresh) brings the next at frame 8, …
+    assert kiosk.pipeline.embedded_frames == [0, 1, 2, 3, 4, 8, 12, 16, 20, 24, 28]
+
+
+def test_a_store_change_makes_faces_voted_unknown_be_looked_at_every_frame_again(store):
+    clock = HandClock()
+    kiosk, events = kiosk_on(store, clock)
+    for frame in frames([CAROL] * 10):
+        kiosk.step(frame)
+    other = Store.open(store.path, fingerprint=store.fingerprint)  # the CLI or the web page, in another process
+    with other.edit():
+        other.add_person("carol", embedding_of(CAROL)[None, :])
+    clock.now += STORE_CHECK_S
+    for frame in frames([CAROL] * 3, start_index=10):
+        kiosk.step(frame)
+    assert [(e["event"], e["person"], e["frame"]) for e in events] == [("unknown", None, 2), ("unlock", "carol", 12)]
+
+
+def test_an_admin_standing_at_the_door_after_the_unlock_still_counts_as_present(store):
+    window_s = 2.0
+    config = Config.model_validate(
+        {"enroll": {"admins": ["alice"], "admin_window_s": window_s, "capture_frames": 2}, **NO_LIVENESS})
+    stay = int(3 * window_s * 25)  # alice stays three admin windows after her unlock, then presses the button
+    kiosk, events = kiosk_on(store, HandClock(), config=config, press_button_at={stay})
+    for frame in frames([ALICE] * (stay + 2)):
+        kiosk.step(frame)
+    assert [e["event"] for e in events] == ["unlock", "enroll_started", "enroll_refused"]
+    assert events[-1]["reason"] == "already enrolled as alice"
