@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,13 +125,71 @@ def time_face_recognition(frames) -> dict:
     return {"frames_with_face": faces_found, "total_ms_median": round(statistics.median(totals), 2)}
 
 
+def time_door_loop(config: Config, pipeline, video: Path, frame_limit: int | None) -> dict:
+    """The door loop's own per-frame work (`Kiosk.step`: detect, track, landmarks/align/embed for the faces that still
+    need it, fuse, match, liveness, decide, door) on the 640-px frames, with a simulated door and an empty store:
+    everyone at the door is a stranger, so each track is embedded every frame until a full vote window says
+    unknown, then every `decide.unknown_refresh_frames` frames or when the face came closer. `faces_embedded`
+    counts the faces that were embedded, `faces_seen` those detected."""
+    from edge.door import SimulatedDoor
+    from edge.kiosk import Kiosk
+    from edge.store import Store
+    from edge.types import Frame
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store.open(Path(tmp) / "bench.edgestore", fingerprint=pipeline.embedder.fingerprint)
+        loop = Kiosk(config=config, pipeline=pipeline, store=store, door=SimulatedDoor(pulse_s=config.door.pulse_s))
+        liveness_ms = [0.0]
+        if loop.liveness is not None:  # the liveness stage's share of each step, timed where it runs
+            observe = loop.liveness.observe
+
+            def timed_observe(*args):
+                start = time.perf_counter()
+                verdict = observe(*args)
+                liveness_ms[0] += (time.perf_counter() - start) * 1e3
+                return verdict
+
+            loop.liveness.observe = timed_observe
+        per_stage = {stage: [] for stage in STAGES + ("liveness", "rest")}
+        totals, seen, embedded, with_face = [], 0, 0, 0
+        for index, (image, decode_ms) in enumerate(video_frames(video, limit=frame_limit)):
+            liveness_ms[0] = 0.0
+            start = time.perf_counter()
+            loop.step(Frame(image, index, index / VIDEO_FPS))
+            step_ms = (time.perf_counter() - start) * 1e3
+            stages = {stage: pipeline.last_ms.get(stage, 0.0) for stage in STAGES[1:]}
+            per_stage["decode"].append(decode_ms)
+            for stage, ms in stages.items():
+                per_stage[stage].append(ms)
+            per_stage["liveness"].append(liveness_ms[0])
+            per_stage["rest"].append(max(step_ms - sum(stages.values()) - liveness_ms[0], 0.0))
+            totals.append(decode_ms + step_ms)
+            seen += len(loop.last_faces)
+            embedded += sum(face.embedding is not None for face in loop.last_faces)
+            with_face += bool(loop.last_faces)
+    return {
+        "frames": len(totals),
+        "frames_with_face": with_face,
+        "faces_seen": seen,
+        "faces_embedded": embedded,
+        "events": {name: n for name, n in sorted(loop.counts.items())},
+        "stage_ms_median": {s: round(statistics.median(v), 2) for s, v in per_stage.items()},
+        "stage_ms_mean": {s: round(statistics.fmean(v), 2) for s, v in per_stage.items()},
+        "total_ms_median": round(statistics.median(totals), 2),
+        "total_ms_mean": round(statistics.fmean(totals), 2),
+    }
+
+
 def run_bench(config: Config, *, video: Path, photos: list[Path], frame_limit: int | None, reference: bool) -> dict:
-    """Our pipeline first (so its peak RSS is ours alone), then face_recognition on the same frames."""
+    """Our door loop and our full chain first (so the peak RSS is ours alone), then face_recognition on the same
+    frames. `total_ms_median` and `speedup` are the door loop's; `speedup_every_face` compares the full chain run on
+    every face of every frame (what face_recognition does) with face_recognition."""
     from edge.pipeline import Pipeline
 
     pipeline = Pipeline(config)
     pipeline.analyze(next(video_frames(video, limit=1))[0])  # warm-up: load models, first-call allocations
     report = {"backend": pipeline.embedder.name, "threads": config.embedder.threads, "video": str(video)}
+    report["door_loop"] = time_door_loop(config, pipeline, video, frame_limit)
     report["video_640"] = time_ours(pipeline, video_frames(video, limit=frame_limit), liveness_step(config))
     if config.liveness.mode != "off":
         say(f"bench: liveness ({config.liveness.mode}) timed on the video frames as a stage of the kiosk step")
@@ -139,30 +198,41 @@ def run_bench(config: Config, *, video: Path, photos: list[Path], frame_limit: i
     if photos:
         report["photos"] = time_ours(pipeline, photo_frames(photos))
         report["peak_rss_mib_with_photos"] = round(peak_rss_mib(), 1)
-    report["total_ms_median"] = report["video_640"]["total_ms_median"]
+    report["total_ms_median"] = report["door_loop"]["total_ms_median"]
     if reference:
         say("bench: timing face_recognition on the same frames…")
         report["face_recognition"] = time_face_recognition(video_frames(video, limit=frame_limit))
         report["face_recognition_ms_median"] = report["face_recognition"]["total_ms_median"]
         report["speedup"] = round(report["face_recognition_ms_median"] / report["total_ms_median"], 2)
+        report["speedup_every_face"] = round(report["face_recognition_ms_median"] / report["video_640"]["total_ms_median"], 2)
     return report
 
 
 def format_report(report: dict) -> str:
     lines = [f"backend {report['backend']} ({report['threads']} thread(s)); peak RSS {report['peak_rss_mib']} MiB "
              f"on 640-px frames" + (f", {report['peak_rss_mib_with_photos']} MiB after the photos" if "photos" in report else "")]
+    loop = report["door_loop"]
+    stages = "  ".join(f"{s} {v:.1f}" for s, v in loop["stage_ms_median"].items())
+    means = "  ".join(f"{s} {v:.1f}" for s, v in loop["stage_ms_mean"].items())
+    lines.append(
+        f"door_loop: {loop['frames']} frames, face in {loop['frames_with_face']}, {loop['faces_embedded']} of "
+        f"{loop['faces_seen']} faces embedded (the rest belong to decided tracks); events {loop['events']}\n"
+        f"  medians ms: {stages}; total {loop['total_ms_median']:.1f}\n"
+        f"  means ms:   {means}; total {loop['total_ms_mean']:.1f}"
+    )
+    labels = {"video_640": "every face embedded", "photos": "photos"}
     for key in ("video_640", "photos"):
         if key in report:
             part = report[key]
             stages = "  ".join(f"{s} {v:.1f}" for s, v in part["stage_ms_median"].items())
             lines.append(
-                f"{key}: {part['frames']} frames, face in {part['frames_with_face']}; medians ms: {stages}; "
+                f"{key} ({labels[key]}): {part['frames']} frames, face in {part['frames_with_face']}; medians ms: {stages}; "
                 f"total {part['total_ms_median']:.1f} (one-face frames {part['total_ms_median_one_face']})"
             )
     if "speedup" in report:
         fr = report["face_recognition"]
         lines.append(
             f"face_recognition: total {fr['total_ms_median']:.1f} ms median, face in {fr['frames_with_face']} frames; "
-            f"speed-up ×{report['speedup']}"
+            f"speed-up ×{report['speedup']} (door loop), ×{report['speedup_every_face']} (every face embedded)"
         )
     return "\n".join(lines)

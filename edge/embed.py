@@ -109,5 +109,5 @@ def create_embedder(config: EmbedderConfig, models_dir: Path) -> Embedder:
     else:
         from edge.backends.onnxruntime import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend(onnx_path=onnx_path, threads=config.threads)
+        backend = OnnxRuntimeBackend(onnx_path=onnx_path, threads=config.threads, source_sha256=onnx_sha)
     return Embedder(backend, onnx_sha256=onnx_sha, max_batch=config.max_batch, mirror_average=config.mirror_average)

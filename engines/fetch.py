@@ -200,7 +200,23 @@ def ensure_models(models_dir: Path | None = None) -> dict:
         records.append(record)
     manifest = {"files": records}
     write_atomically((json.dumps(manifest, indent=2) + "\n").encode(), manifest_path)
+    prepare_for_host(models_dir, sources)
     return manifest
+
+
+def prepare_for_host(models_dir: Path, records: dict[str, dict]) -> Path:
+    """The embedder's graph optimised for this machine (edge.backends.onnxruntime.host_optimized_path), made from
+    the verified model when missing; copies made for an older model or another machine are removed. Derived
+    here, not pinned: its name carries the verified model's sha256 and this machine's signature."""
+    from edge.backends.onnxruntime import host_optimized_path, optimize_for_host
+    from edge.embed import ONNX_FILE
+
+    source = models_dir / ONNX_FILE
+    target = host_optimized_path(source, records[ONNX_FILE]["sha256"])
+    for stale in models_dir.glob(f"{source.stem}.host-*.onnx*"):
+        if stale != target:
+            stale.unlink()
+    return target if target.exists() else optimize_for_host(source, records[ONNX_FILE]["sha256"])
 
 
 def verify_models(models_dir: Path | None = None) -> list[str]:
