@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge.config import Config, UnknownConfig  # noqa: E402
 from edge.embed import store_fingerprint  # noqa: E402
-from edge.evaluate import embed_images, stderr_progress  # noqa: E402
+from edge.evaluate.embedding import embed_images, stderr_progress  # noqa: E402
 from edge.images import photos_by_person  # noqa: E402
 from edge.unknown import GROUPING_METHODS, group_faces  # noqa: E402
 

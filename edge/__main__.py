@@ -123,7 +123,7 @@ def cmd_bench(args, config: Config) -> int:
         say("  ".join(f"{k} {v}" for k, v in report.items()))
     elif args.what == "degrade":
         from edge.degrade import format_rows, run_suite
-        from edge.evaluate import read_pairs
+        from edge.evaluate.pairs import read_pairs
 
         if not args.pairs:
             raise InputError("bench degrade needs --pairs FILE (a file_x,file_y,Decision CSV or an LFW pairs.txt)")
@@ -689,19 +689,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("new_name", nargs="?", metavar="NEW_NAME|ROW", help="rename: the new name; forget-row: the row "
                    "number `people show` lists")
     p.add_argument("--audit", type=Path, default=None, help="remove: audit log to anonymise (default: audit.path)")
-    from edge import evaluate
+    from edge.evaluate import calibrate, ident, pairs, templates
 
-    p = command("eval-pairs", evaluate.cmd_eval_pairs, "1:1 accuracy, VAL@FAR and ROC on an LFW pairs.txt or a CSV")
-    evaluate.add_eval_pairs_arguments(p)
-    p = command("eval-ident", evaluate.cmd_eval_ident, "open-set 1:N: DIR and FPIR on a folder per person")
-    evaluate.add_eval_ident_arguments(p)
-    from edge.evaluate import templates
-
+    p = command("eval-pairs", pairs.cmd_eval_pairs, "1:1 accuracy, VAL@FAR and ROC on an LFW pairs.txt or a CSV")
+    pairs.add_eval_pairs_arguments(p)
+    p = command("eval-ident", ident.cmd_eval_ident, "open-set 1:N: DIR and FPIR on a folder per person")
+    ident.add_eval_ident_arguments(p)
     p = command("eval-templates", templates.cmd_eval_templates,
                 "FRR at FAR 1e-3…1e-6 with K-photo templates and M-photo probes on a folder per person")
     templates.add_eval_templates_arguments(p)
-    p = command("calibrate", evaluate.cmd_calibrate, "recommend match.threshold_l2 for a target FAR (--write: into --config)")
-    evaluate.add_calibrate_arguments(p)
+    p = command("calibrate", calibrate.cmd_calibrate, "recommend match.threshold_l2 for a target FAR (--write: into --config)")
+    calibrate.add_calibrate_arguments(p)
     from edge import pad
 
     p = command("make-attacks", pad.cmd_make_attacks, "presentation-attack clips (print, screen-still, replay) from photos/videos")

@@ -16,7 +16,8 @@ from edge.align import mirror_chip
 from edge.config import Config
 from edge.console import say
 from edge.embed import unit
-from edge.evaluate import Pair, accuracy_at, d_prime, pair_distances, roc_auc
+from edge.evaluate.pairs import Pair, pair_distances
+from edge.evaluate.rates import accuracy_at, d_prime, roc_auc
 from edge.images import load_image
 
 SMALL_FACE_PX = 40  # "downscaled": the largest face ends up about this wide

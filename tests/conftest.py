@@ -118,7 +118,8 @@ def untrusted_text(max_size: int = 200):
 def pair_chips(models_dir, data_dir) -> tuple[list, dict]:
     """pairs/master.csv and, for each of its photos, the chip of its largest face found as `eval-pairs` finds it."""
     from edge.config import Config, EmbedderConfig
-    from edge.evaluate import largest_face, read_pairs_csv
+    from edge.evaluate.embedding import largest_face
+    from edge.evaluate.pairs import read_pairs_csv
     from edge.pipeline import Pipeline
 
     pairs = read_pairs_csv(data_dir / "pairs" / "master.csv")
@@ -141,7 +142,8 @@ def pairs_accuracy(backend, pair_chips, onnx_sha: str) -> float:
 
     from edge.config import Config
     from edge.embed import Embedder
-    from edge.evaluate import accuracy_at, pair_distances
+    from edge.evaluate.pairs import pair_distances
+    from edge.evaluate.rates import accuracy_at
 
     pairs, chips = pair_chips
     paths = list(chips)

@@ -6,7 +6,7 @@ import pytest
 
 from edge.config import Config
 from edge.degrade import SMALL_FACE_PX, VARIANTS, blur, darken, downscale, jpeg, recommend_threshold, run_suite
-from edge.evaluate import read_pairs
+from edge.evaluate.pairs import read_pairs
 from edge.quality import sharpness
 
 

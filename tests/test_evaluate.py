@@ -11,25 +11,16 @@ import numpy as np
 import pytest
 import yaml
 
-from edge import evaluate
 from edge.config import load_config
 from edge.embed import store_fingerprint
 from edge.errors import InputError
-from edge.evaluate import (
-    Pair,
-    accuracy_at,
-    best_threshold,
-    d_prime,
-    nearest_two,
-    open_set_rates,
-    read_pairs_csv,
-    read_pairs_lfw,
-    roc_auc,
-    set_threshold_in_yaml,
-    split_for_ident,
-    ten_fold_accuracy,
-    val_at_far,
-)
+from edge.evaluate.calibrate import add_calibrate_arguments, cmd_calibrate
+from edge.evaluate.config_file import set_threshold_in_yaml
+from edge.evaluate.embedding import embed_images
+from edge.evaluate.ident import add_eval_ident_arguments, cmd_eval_ident, nearest_two, open_set_rates, split_for_ident
+from edge.evaluate.pairs import (Pair, add_eval_pairs_arguments, cmd_eval_pairs, pair_distances, read_pairs_csv,
+                                 read_pairs_lfw)
+from edge.evaluate.rates import accuracy_at, best_threshold, d_prime, roc_auc, ten_fold_accuracy, val_at_far
 from edge.store import ABSENT_DISTANCE_L2, EMBEDDING_DIM, Store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +36,9 @@ SAME = [True] * 6 + [False] * 6
 def run(command: str, argv: list[str], capsys) -> tuple[int, dict, str]:
     """A handler through its own argument parser (plus the --config/--json that edge.__main__ adds): rc, JSON, stderr."""
     add, handler = {
-        "eval-pairs": (evaluate.add_eval_pairs_arguments, evaluate.cmd_eval_pairs),
-        "eval-ident": (evaluate.add_eval_ident_arguments, evaluate.cmd_eval_ident),
-        "calibrate": (evaluate.add_calibrate_arguments, evaluate.cmd_calibrate),
+        "eval-pairs": (add_eval_pairs_arguments, cmd_eval_pairs),
+        "eval-ident": (add_eval_ident_arguments, cmd_eval_ident),
+        "calibrate": (add_calibrate_arguments, cmd_calibrate),
     }[command]
     parser = argparse.ArgumentParser(prog=command)
     parser.add_argument("--config", type=Path, default=None)
@@ -209,8 +200,8 @@ def test_lfw_layout_built_from_shared_photos(data_dir, models_dir, tmp_path, cap
     assert (report["images"], report["images_without_face"], report["folds"]) == (8, 0, 2)
     assert (report["pairs"], report["genuine_pairs"], report["impostor_pairs"]) == (8, 4, 4)
     # The pipeline's distances, pair by pair: the same people are far closer than different ones.
-    embeddings = evaluate.embed_images([p for pair in pairs for p in pair[:2]], load_config(CONFIG))
-    distances = evaluate.pair_distances(pairs, embeddings)
+    embeddings = embed_images([p for pair in pairs for p in pair[:2]], load_config(CONFIG))
+    distances = pair_distances(pairs, embeddings)
     assert distances[[0, 1, 4, 5]].max() < 0.35 < 0.5 < distances[[2, 3, 6, 7]].min()
     # Hand rule: a fold's threshold is the midpoint between the OTHER fold's largest genuine and smallest impostor
     # distance (both folds separate perfectly), and then each fold is classified without error.
@@ -266,7 +257,7 @@ def test_eval_pairs_bad_input(tmp_path, capsys):
 def test_workers_give_the_same_embeddings(data_dir, models_dir):
     photos = sorted((data_dir / "people" / "train").glob("*/*"))[:4]
     config = load_config(CONFIG)
-    one, two = evaluate.embed_images(photos, config), evaluate.embed_images(photos, config, workers=2)
+    one, two = embed_images(photos, config), embed_images(photos, config, workers=2)
     assert list(one) == list(two) == photos
     for photo in photos:
         np.testing.assert_allclose(one[photo], two[photo], atol=1e-6)

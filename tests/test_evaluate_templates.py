@@ -137,7 +137,7 @@ def test_eval_templates_bad_input_is_one_line_and_exit_2(small_lfw, cache, tmp_p
 
 def test_centre_face_rule_picks_the_middle_face_not_the_largest(data_dir, models_dir, tmp_path):
     from edge.config import load_config
-    from edge.evaluate import FACE_RULES, centre_face, largest_face
+    from edge.evaluate.embedding import FACE_RULES, centre_face, largest_face
     from edge.pipeline import Pipeline
 
     lfw = data_dir / "lfw_dev"

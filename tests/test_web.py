@@ -92,7 +92,7 @@ def site(tmp_path_factory, models_dir):
 def keep_as_the_door_would(folder: Path, photos: list[Path], models_dir: Path) -> None:
     """Two photos of one person into the inbox (the sample video has each stranger in one track only)."""
     from edge.config import Config
-    from edge.evaluate import largest_face
+    from edge.evaluate.embedding import largest_face
     from edge.pipeline import Pipeline
     from edge.unknown import UnknownInbox
 

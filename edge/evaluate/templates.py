@@ -12,7 +12,6 @@ One embedding pass per folder: every photo's largest and centre face (embedding 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +22,10 @@ import numpy as np
 from edge.config import Config
 from edge.console import say
 from edge.errors import InputError
-from edge.evaluate import (FACE_RULES, _add_workers_argument, _check_writable_target, _emit, _json_number, _split,
-                           _offset_from_centre, add_face_argument, embed_images, error_rates, stderr_progress,
-                           val_at_far)
+from edge.evaluate.embedding import (FACE_RULE_HELP, FACE_RULES, add_face_argument, add_workers_argument,
+                                     detected_faces, embed_images, pick_face, stderr_progress)
+from edge.evaluate.rates import error_rates, far_resolves, labelled, threshold_at_far
+from edge.evaluate.report import check_writable_target, emit, json_number, png_figure
 from edge.fuse import fused, quality_weight
 from edge.images import photos_by_person
 
@@ -34,6 +34,7 @@ FAR_LEVELS = ("1e-3", "1e-4", "1e-5", "1e-6")
 TEMPLATE_RULES = ("mean", "qmean", "nearest")
 DEFAULT_TEMPLATE_RULE = "mean"  # measured best on lfw_dev (README, Templates)
 RULE_LINES = {"mean": "-", "qmean": "--", "nearest": ":"}
+DEFAULT_FACE_RULE = "largest"
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = Path("out/eval-cache")
 QUALITY_FIELDS = ("width_px", "sharpness", "yaw", "score")
@@ -51,7 +52,6 @@ class FaceSample(NamedTuple):
 
 def face_samples(pipeline, path: Path) -> dict[str, FaceSample | None]:
     """The photo's largest and centre face as FaceSamples (None: no face); one detection serves both rules."""
-    from edge.images import load_image
     from edge.quality import sharpness, yaw_ratio
 
     def sample(face) -> FaceSample | None:
@@ -60,12 +60,8 @@ def face_samples(pipeline, path: Path) -> dict[str, FaceSample | None]:
         return FaceSample(face.embedding, face.face.width_px, sharpness(face.chip), yaw_ratio(face.face.landmarks),
                           face.face.score)
 
-    image = load_image(path)
-    faces = pipeline.analyze(image, thorough=True)
-    if not faces:
-        return {"largest": None, "centre": None}
-    return {"largest": sample(max(faces, key=lambda f: f.face.area_px)),
-            "centre": sample(min(faces, key=lambda f: _offset_from_centre(f.face.box, image.shape)))}
+    faces, shape = detected_faces(pipeline, path)
+    return {rule: sample(pick_face(faces, shape, rule)) for rule in FACE_RULES}
 
 
 # ---- the embedding pass and its cache -------------------------------------------------------------------------
@@ -191,15 +187,14 @@ def _template(photos: Photos, rows: np.ndarray, weighted: bool) -> np.ndarray:
 
 def frr_at_far(trials: Trials) -> dict[str, dict]:
     """{"1e-3": {"frr", "threshold_l2"}, …}; both None where the impostor trials cannot resolve the FAR."""
-    distances = np.concatenate([trials.genuine, trials.impostor])
-    same = np.concatenate([np.ones(len(trials.genuine), bool), np.zeros(len(trials.impostor), bool)])
     out = {}
     for label in FAR_LEVELS:
-        if len(trials.impostor) * float(label) < 1 - 1e-9 or not len(trials.genuine):
+        if not far_resolves(float(label), len(trials.impostor)) or not len(trials.genuine):
             out[label] = {"frr": None, "threshold_l2": None}
             continue
-        val, threshold = val_at_far(distances, same, float(label))
-        out[label] = {"frr": round(1.0 - val, 6), "threshold_l2": _json_number(threshold)}
+        threshold = threshold_at_far(trials.impostor, float(label))
+        accepted = np.searchsorted(trials.genuine, threshold, side="left") / len(trials.genuine)
+        out[label] = {"frr": round(1.0 - float(accepted), 6), "threshold_l2": json_number(threshold)}
     return out
 
 
@@ -219,28 +214,53 @@ def int_list(text: str) -> list[int]:
     return sorted(set(values))
 
 
+def add_regime_arguments(parser, *, default: list[int] | None) -> None:
+    """--enrol-k and --probe-m (lists), shared by eval-templates and calibrate --folder."""
+    parser.add_argument("--enrol-k", type=int_list, default=default, metavar="K[,K…]",
+                        help="photos enrolled per person (default 1); a list reports every combination")
+    parser.add_argument("--probe-m", type=int_list, default=default, metavar="M[,M…]",
+                        help="photos fused into one probe (default 1; a door track's fused frames count as 1, "
+                             "see README, Security levels)")
+
+
+def add_cache_arguments(parser) -> None:
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR, metavar="DIR",
+                        help=f"embedding cache folder (default {DEFAULT_CACHE_DIR}); --no-cache to embed afresh")
+    parser.add_argument("--no-cache", dest="cache", action="store_const", const=None)
+
+
 def add_eval_templates_arguments(parser) -> None:
     parser.add_argument("folder", type=Path, metavar="DIR", help="one sub-folder of photos per person")
-    parser.add_argument("--enrol-k", type=int_list, default=[1], metavar="K[,K…]",
-                        help="photos enrolled per person (default 1); a list reports every combination")
-    parser.add_argument("--probe-m", type=int_list, default=[1], metavar="M[,M…]",
-                        help="photos fused into one probe (default 1)")
+    add_regime_arguments(parser, default=[1])
     parser.add_argument("--rule", choices=TEMPLATE_RULES + ("all",), default=DEFAULT_TEMPLATE_RULE,
                         help="how K photos make a template: mean (the product's rule, default), qmean (quality-weighted "
                              "mean) or nearest (closest row); all reports each")
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write a DET plot (FRR vs FAR)")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE_DIR, metavar="DIR",
-                        help=f"embedding cache folder (default {DEFAULT_CACHE_DIR}); --no-cache to embed afresh")
-    parser.add_argument("--no-cache", dest="cache", action="store_const", const=None)
-    add_face_argument(parser)
-    _add_workers_argument(parser)
+    add_cache_arguments(parser)
+    add_face_argument(parser, DEFAULT_FACE_RULE)
+    add_workers_argument(parser)
+
+
+def no_probes_error(folder: Path, photos: Photos, enrol_k: int, probe_m: int) -> InputError:
+    """The one line for a folder where nobody has enrol_k + probe_m photos with a face."""
+    without_face = int((~photos.found).sum())
+    return InputError(f"{folder}: nobody has {enrol_k + probe_m} photos with a face (K + M) to probe with; "
+                      f"{without_face} of {len(photos.paths)} photos had no face")
+
+
+def describe_photos(command: str, photos: Photos, face: str) -> dict:
+    """The photo counts and the face rule a report starts with (JSON), also said on stderr."""
+    without_face = [str(p) for p, ok in zip(photos.paths, photos.found) if not ok]
+    say(f"{command}: {len(photos.paths)} photos of {len(photos.names)} people, {len(without_face)} without a face; "
+        f"face rule {face} ({FACE_RULE_HELP[face]})")
+    return {"face": face, "photos": len(photos.paths), "persons": len(photos.names),
+            "images_without_face": len(without_face), "without_face": without_face}
 
 
 def cmd_eval_templates(args, config: Config) -> int:
     """FRR at FAR 1e-3 … 1e-6 for every (K, M) combination and template rule, from one embedding pass."""
-    _check_writable_target(args.plot)
+    check_writable_target(args.plot)
     photos = load_photos(args.folder, config, face=args.face, workers=args.workers, cache_dir=args.cache)
-    without_face = [str(p) for p, ok in zip(photos.paths, photos.found) if not ok]
     rules = TEMPLATE_RULES if args.rule == "all" else (args.rule,)
     results, curves = [], []
     for k in args.enrol_k:
@@ -254,12 +274,8 @@ def cmd_eval_templates(args, config: Config) -> int:
                                 "impostor": len(trials.impostor), "frr_at_far": frr_at_far(trials)})
                 curves.append((k, m, rule, trials))
     if not results:
-        raise InputError(f"{args.folder}: nobody has {min(args.enrol_k) + min(args.probe_m)} photos with a face "
-                         f"(K + M) to probe with; {len(without_face)} of {len(photos.paths)} photos had no face")
-    report = {"folder": str(args.folder), "face": args.face, "photos": len(photos.paths), "persons": len(photos.names),
-              "images_without_face": len(without_face), "without_face": without_face, "results": results}
-    say(f"eval-templates: {len(photos.paths)} photos of {len(photos.names)} people, {len(without_face)} without a "
-        f"face ({args.face} face rule)")
+        raise no_probes_error(args.folder, photos, min(args.enrol_k), min(args.probe_m))
+    report = {"folder": str(args.folder), **describe_photos("eval-templates", photos, args.face), "results": results}
     for row in results:
         rates = "  ".join(f"FRR@{label} {_percent(v['frr'])} ({v['threshold_l2']})" for label, v in row["frr_at_far"].items())
         say(f"  K={row['enrol_k']} M={row['probe_m']} {row['rule']:7s} genuine {row['genuine']:5d} impostor "
@@ -268,7 +284,7 @@ def cmd_eval_templates(args, config: Config) -> int:
         plot_det(curves, args.plot, title=f"{args.folder.name}: {len(photos.names)} people, {args.face} face")
         report["plot"] = str(args.plot)
         say(f"plot written to {args.plot}")
-    _emit(args, report)
+    emit(args, report)
     return 0
 
 
@@ -279,28 +295,18 @@ def _percent(value: float | None) -> str:
 def plot_det(curves: list[tuple[int, int, str, Trials]], path: Path, *, title: str) -> None:
     """DET curves (FRR vs FAR, log-log) of (K, M, rule) protocols in one PNG: a colour per (K, M), a line style per
     rule; zero rates drawn at ½ step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 6))
-    colours = {}
-    for k, m, rule, trials in curves:
-        colour = colours.setdefault((k, m), f"C{len(colours) % 10}")
-        distances = np.concatenate([trials.genuine, trials.impostor])
-        same = np.concatenate([np.ones(len(trials.genuine), bool), np.zeros(len(trials.impostor), bool)])
-        genuine, impostor = _split(distances, same)
-        thresholds = np.unique(np.concatenate([[0.0], impostor[: 10 * math.isqrt(len(impostor)) + 1000], genuine]))
-        far, frr = error_rates(distances, same, thresholds)
-        axes.plot(np.maximum(far, 0.5 / len(impostor)), np.maximum(frr, 0.5 / len(genuine)), drawstyle="steps-post",
-                  color=colour, linestyle=RULE_LINES[rule], label=f"K={k} M={m} {rule}")
-    for label in FAR_LEVELS:
-        axes.axvline(float(label), color="grey", linestyle=":", linewidth=0.8)
-    axes.set(xscale="log", yscale="log", xlabel="FAR (impostor trials accepted)", ylabel="FRR (genuine rejected)",
-             title=title, xlim=(1e-7, 1e-1))
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(loc="best", fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, format="png", dpi=100)
-    plt.close(figure)
+    with png_figure(path, figsize=(8, 6)) as (_, axes):
+        colours = {}
+        for k, m, rule, trials in curves:
+            colour = colours.setdefault((k, m), f"C{len(colours) % 10}")
+            genuine, impostor = trials.genuine, trials.impostor
+            thresholds = np.unique(np.concatenate([[0.0], impostor[: 10 * math.isqrt(len(impostor)) + 1000], genuine]))
+            far, frr = error_rates(*labelled(genuine, impostor), thresholds)
+            axes.plot(np.maximum(far, 0.5 / len(impostor)), np.maximum(frr, 0.5 / len(genuine)),
+                      drawstyle="steps-post", color=colour, linestyle=RULE_LINES[rule], label=f"K={k} M={m} {rule}")
+        for label in FAR_LEVELS:
+            axes.axvline(float(label), color="grey", linestyle=":", linewidth=0.8)
+        axes.set(xscale="log", yscale="log", xlabel="FAR (impostor trials accepted)", ylabel="FRR (genuine rejected)",
+                 title=title, xlim=(1e-7, 1e-1))
+        axes.grid(True, which="both", alpha=0.3)
+        axes.legend(loc="best", fontsize="small")
