@@ -698,7 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("eval-templates", templates.cmd_eval_templates,
                 "FRR at FAR 1e-3…1e-6 with K-photo templates and M-photo probes on a folder per person")
     templates.add_eval_templates_arguments(p)
-    p = command("calibrate", calibrate.cmd_calibrate, "recommend match.threshold_l2 for a target FAR (--write: into --config)")
+    p = command("calibrate", calibrate.cmd_calibrate, "recommend match.threshold_l2 for a target FAR, or each security "
+                "level's for a template regime (--write: into --config)")
     calibrate.add_calibrate_arguments(p)
     from edge import pad
 

@@ -1,4 +1,5 @@
-"""eval-templates: the K/M protocol on hand-built vectors, FRR@FAR resolution, and the command on a few LFW people."""
+"""eval-templates and calibrate --folder: the K/M protocol on hand-built vectors, FRR@FAR resolution, security-level
+thresholds per regime, and both commands on a few LFW people (one shared embedding cache)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
+from edge.config import SECURITY_LEVELS
+from edge.evaluate.calibrate import regime_levels, security_thresholds
 from edge.evaluate.templates import Photos, Trials, frr_at_far, split_templates, template_trials
 from edge.fuse import fused, quality_weight
 from tests.conftest import cli
@@ -79,6 +82,47 @@ def test_frr_at_far_is_null_where_the_impostors_cannot_resolve_it():
     assert rates["1e-3"]["threshold_l2"] == pytest.approx(trials.impostor[2], abs=1e-6)
     assert rates["1e-3"]["frr"] == 0.5
     assert rates["1e-4"] == rates["1e-5"] == rates["1e-6"] == {"frr": None, "threshold_l2": None}
+
+
+def noisy_people(persons: int, photos_each: int, seed: int = 3) -> list[tuple[int, np.ndarray]]:
+    """Synthetic people: each photo a noisy copy of the person's random direction (unit vectors)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for person in range(persons):
+        base = rng.standard_normal(128)
+        for _ in range(photos_each):
+            vector = base + 0.6 * rng.standard_normal(128)
+            rows.append((person, (vector / np.linalg.norm(vector)).astype(np.float32)))
+    return rows
+
+
+def test_security_levels_are_the_far_quantiles_of_the_regime_trials():
+    rows = noisy_people(persons=80, photos_each=3)
+    vectors = np.stack([v for _, v in rows]).astype(np.float64)
+    p = photos(rows)
+    one = regime_levels(p, enrol_k=1, probe_m=1)
+    # Worked out independently: K=1 enrols photo 0 of each person, photos 1 and 2 probe alone against all 80.
+    gallery, probes = np.arange(0, 240, 3), np.array([i for i in range(240) if i % 3])
+    l2 = np.linalg.norm(vectors[probes][:, None, :] - vectors[gallery][None, :, :], axis=2)
+    own = (probes // 3)[:, None] == np.arange(80)[None, :]
+    genuine, impostor = l2[own], np.sort(l2[~own])
+    assert (one["genuine"], one["impostor"]) == (160, 160 * 79)
+    standard, high = one["levels"]["standard"], one["levels"]["high"]
+    # FAR 1e-4 of 12,640 impostor trials allows 1 below the threshold: the 2nd smallest, rounded down to 4 decimals.
+    assert standard["target_far"] == SECURITY_LEVELS["standard"][0] and standard["measurable"]
+    assert standard["threshold_l2"] == pytest.approx(np.floor(impostor[1] * 1e4) / 1e4, abs=1e-4)
+    assert standard["frr"] == pytest.approx(np.mean(genuine >= standard["threshold_l2"]), abs=1 / 160)
+    # 1e-5 would need 100,000 impostor trials: the smallest impostor distance, flagged as not measurable.
+    assert not high["measurable"] and high["threshold_l2"] == pytest.approx(np.floor(impostor[0] * 1e4) / 1e4, abs=1e-4)
+    two = regime_levels(p, enrol_k=2, probe_m=1)
+    assert (two["genuine"], two["impostor"]) == (80, 80 * 79)
+    levels = security_thresholds([one, two])
+    for level in SECURITY_LEVELS:  # the strictest regime decides, and a level is measurable only if it is everywhere
+        pair = (one["levels"][level], two["levels"][level])
+        assert levels[level]["threshold_l2"] == min(row["threshold_l2"] for row in pair)
+        assert levels[level]["measurable"] == all(row["measurable"] for row in pair)
+    assert one["levels"]["standard"]["measurable"] and not levels["standard"]["measurable"]  # K=2: 6,320 trials
+    assert regime_levels(p, enrol_k=2, probe_m=2) is None  # nobody has 4 photos
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +200,47 @@ def test_centre_face_rule_picks_the_middle_face_not_the_largest(data_dir, models
         assert np.array_equal(FACE_RULES["centre"](pipeline, photo), centre.embedding)
     finally:
         pipeline.close()
+
+
+def test_calibrate_folder_gives_every_security_level_for_the_regime(small_lfw, cache, tmp_path, models_dir):
+    args = ["--cache", cache, "--config", CONFIG, "--json"]
+    templates = cli("eval-templates", small_lfw, "--enrol-k", "1,2", "--probe-m", "1", *args)
+    result = cli("calibrate", "--folder", small_lfw, "--enrol-k", "1,2", "--probe-m", "1", *args)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["photos"], report["images_without_face"], report["face"]) == (18, 1, json.loads(templates.stdout)["face"])
+    # the same trials as eval-templates: K=1 M=1 12 genuine / 48 impostor, K=2 M=1 8 / 32
+    assert [(r["enrol_k"], r["probe_m"], r["genuine"], r["impostor"]) for r in report["regimes"]] == \
+        [(r["enrol_k"], r["probe_m"], r["genuine"], r["impostor"]) for r in json.loads(templates.stdout)["results"]]
+    assert set(report["levels"]) == set(SECURITY_LEVELS)
+    for level, row in report["levels"].items():
+        assert row["threshold_l2"] == min(r["levels"][level]["threshold_l2"] for r in report["regimes"])
+        assert not row["measurable"] and row["impostor_pairs"] == 32  # 32 trials resolve no level
+    assert "match.security high (FAR 1e-5): threshold_l2" in result.stderr and "cannot show FAR 1e-5" in result.stderr
+
+
+def test_calibrate_folder_write_uses_the_configured_level_and_refuses_an_unmeasurable_far(small_lfw, cache, tmp_path,
+                                                                                         models_dir):
+    config_file = tmp_path / "config.yaml"
+    for security, far in (("high", "1e-05"), ("standard", "0.0001")):
+        config_file.write_text(CONFIG.read_text().replace("security: high", f"security: {security}"))
+        result = cli("calibrate", "--folder", small_lfw, "--cache", cache, "--write", "--config", config_file)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: not writing {config_file}: 48 impostor pairs cannot show a FAR of {far} (need at least "
+            f"{round(1 / float(far))})")
+        assert not (tmp_path / "config.yaml.bak").exists()
+
+
+def test_calibrate_folder_bad_input_is_one_line_and_exit_2(small_lfw, cache, models_dir):
+    for bad, says in ((["--folder", small_lfw, "--enrol-k", "0"], "every value must be 1 or more"),
+                      (["--folder", small_lfw, "--probe-m", "1,x"], "whole numbers"),
+                      (["--folder", small_lfw, "--target-far", "1e-4"], "--target-far goes with --pairs or --store"),
+                      (["--store", "absent.edgestore", "--enrol-k", "2"], "--enrol-k goes with --folder"),
+                      (["--folder", small_lfw, "--enrol-k", "3", "--probe-m", "2", "--cache", cache, "--config", CONFIG],
+                       f"error: {small_lfw}: nobody has 5 photos with a face (K + M) to probe with; 1 of 18 photos "
+                       "had no face")):
+        result = cli("calibrate", *bad)
+        assert result.returncode == 2, (bad, result.stderr)
+        assert says in result.stderr.strip().splitlines()[-1]
+        assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1

@@ -8,6 +8,7 @@ accepts at most ⌊FAR·impostors⌋ impostor trials; null when there are fewer 
 
 One embedding pass per folder: every photo's largest and centre face (embedding and quality) is cached in
 `--cache` (default out/eval-cache/), keyed by the model fingerprint, the detector settings and the photo list.
+`calibrate --folder` reads the same pass to turn the security levels into thresholds for a (K, M) regime.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def load_photos(folder: Path, config: Config, *, face: str, workers: int, cache_
     owner = np.array([i for i, name in enumerate(names) for _ in people[name]], dtype=np.int64)
     cache = None if cache_dir is None else cache_dir / f"{folder.name}-{cache_key(config, paths, folder)}.npz"
     if cache is not None and cache.is_file():
-        say(f"eval-templates: embeddings from the cache {cache}")
+        say(f"embeddings from the cache {cache}")
         arrays = dict(np.load(cache))
     else:
         samples = embed_images(paths, config, workers=workers, progress=stderr_progress(), measure=face_samples)
@@ -112,7 +113,7 @@ def load_photos(folder: Path, config: Config, *, face: str, workers: int, cache_
             temp = cache.with_suffix(".tmp.npz")
             np.savez(temp, **arrays)
             temp.replace(cache)
-            say(f"eval-templates: embeddings cached in {cache}")
+            say(f"embeddings cached in {cache}")
     quality = [arrays[f"{face}_{field}"] for field in QUALITY_FIELDS[:3]]
     weights = np.nan_to_num(quality_weight(*quality), nan=0.0)
     return Photos(names, owner, paths, arrays[f"{face}_embedding"], weights)
