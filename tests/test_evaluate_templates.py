@@ -150,6 +150,7 @@ def test_eval_templates_every_combination_from_one_pass(small_lfw, cache, tmp_pa
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert (report["photos"], report["persons"], report["images_without_face"]) == (18, 5, 1)
+    assert report["face"] == "centre" and "face rule centre (the face nearest the image centre" in result.stderr
     assert report["without_face"] == [str(small_lfw / "Colin_Powell" / "Colin_Powell_9999.jpg")]
     combos = {(r["enrol_k"], r["probe_m"]): r for r in report["results"]}
     assert set(combos) == {(1, 1), (1, 2), (2, 1), (2, 2)}
