@@ -22,7 +22,7 @@ from edge.evaluate.embedding import FACE_RULES, add_workers_argument
 from edge.evaluate.pairs import DEFAULT_FACE_RULE as PAIRS_FACE_RULE
 from edge.evaluate.pairs import evaluate_pairs, read_pairs
 from edge.evaluate.rates import error_rates, far_resolves, labelled, split_distances, threshold_at_far
-from edge.evaluate.report import emit
+from edge.evaluate.report import emit, percent
 from edge.evaluate.templates import (DEFAULT_FACE_RULE as TEMPLATES_FACE_RULE, DEFAULT_TEMPLATE_RULE, Photos,
                                      add_cache_arguments, add_regime_arguments, describe_photos, load_photos,
                                      no_probes_error, template_trials)
@@ -205,7 +205,7 @@ def _calibrate_folder(args, config: Config) -> dict:
               "regimes": regimes, "levels": security_thresholds(regimes),
               "configured_security": config.match.security, "configured_threshold_l2": config.match.threshold_l2}
     for regime in regimes:
-        cells = "  ".join(f"{level} {row['threshold_l2']:.4f} (FRR {_percent(row['frr'])}"
+        cells = "  ".join(f"{level} {row['threshold_l2']:.4f} (FRR {percent(row['frr']).strip()}"
                           f"{'' if row['measurable'] else ', FAR not resolved'})"
                           for level, row in regime["levels"].items())
         say(f"  K={regime['enrol_k']} M={regime['probe_m']} genuine {regime['genuine']} impostor {regime['impostor']}: "
@@ -223,10 +223,6 @@ def far_label(far: float) -> str:
     """1e-05 → '1e-5', as the README and eval-templates write rates."""
     mantissa, exponent = f"{far:.0e}".split("e")
     return f"{mantissa}e{int(exponent)}"
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f} %"
 
 
 def _write(args, result: dict, chosen: dict) -> None:

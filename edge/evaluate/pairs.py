@@ -18,7 +18,7 @@ from edge.errors import InputError
 from edge.evaluate.embedding import FACE_RULES, add_face_argument, add_workers_argument, embed_images, stderr_progress
 from edge.evaluate.rates import (DEFAULT_FOLDS, accuracy_at, d_prime, error_rates, roc_auc, split_distances,
                                  ten_fold_accuracy, val_at_far)
-from edge.evaluate.report import check_writable_target, emit, json_number, png_figure
+from edge.evaluate.report import check_writable_target, emit, json_number, note_plot, png_figure
 
 # VAL is reported at these false-accept rates; a rate is only reported when the impostor pairs can resolve it
 # for the smallest one (1e-4 needs 10k impostor pairs), the two larger ones always (with their resolution).
@@ -241,8 +241,7 @@ def cmd_eval_pairs(args, config: Config) -> int:
     if args.plot:
         plot_roc(distances, same, args.plot, threshold_l2=config.match.threshold_l2, title=f"{args.pairs.name}: "
                  f"{report['pairs']} pairs, 10-fold accuracy {report['accuracy_10fold']:.4f}")
-        report["plot"] = str(args.plot)
-        say(f"plot written to {args.plot}")
+        note_plot(report, args.plot)
     emit(args, report)
     return 0
 

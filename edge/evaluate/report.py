@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edge.console import emit_json
+from edge.console import emit_json, say
 from edge.errors import InputError
 
 
@@ -20,6 +20,17 @@ def emit(args, document: dict) -> None:
     """The command's report on stdout when --json was given."""
     if args.json:
         emit_json(document)
+
+
+def percent(value: float | None) -> str:
+    """A rate as a fixed-width percentage for stderr tables; n/a for None."""
+    return "  n/a " if value is None else f"{100 * value:5.2f}%"
+
+
+def note_plot(report: dict, path: Path) -> None:
+    """Name the PNG just written, in the report and on stderr."""
+    report["plot"] = str(path)
+    say(f"plot written to {path}")
 
 
 def check_writable_target(path: Path | None) -> None:

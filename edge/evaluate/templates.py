@@ -26,7 +26,7 @@ from edge.errors import InputError
 from edge.evaluate.embedding import (FACE_RULE_HELP, FACE_RULES, add_face_argument, add_workers_argument,
                                      detected_faces, embed_images, pick_face, stderr_progress)
 from edge.evaluate.rates import error_rates, far_resolves, labelled, threshold_at_far
-from edge.evaluate.report import check_writable_target, emit, json_number, png_figure
+from edge.evaluate.report import check_writable_target, emit, json_number, note_plot, percent, png_figure
 from edge.fuse import fused, quality_weight
 from edge.images import photos_by_person
 
@@ -281,19 +281,14 @@ def cmd_eval_templates(args, config: Config) -> int:
         raise no_probes_error(args.folder, photos, min(args.enrol_k), min(args.probe_m))
     report = {"folder": str(args.folder), **describe_photos("eval-templates", photos, args.face), "results": results}
     for row in results:
-        rates = "  ".join(f"FRR@{label} {_percent(v['frr'])} ({v['threshold_l2']})" for label, v in row["frr_at_far"].items())
+        rates = "  ".join(f"FRR@{label} {percent(v['frr'])} ({v['threshold_l2']})" for label, v in row["frr_at_far"].items())
         say(f"  K={row['enrol_k']} M={row['probe_m']} {row['rule']:7s} genuine {row['genuine']:5d} impostor "
             f"{row['impostor']:9d}  {rates}")
     if args.plot:
         plot_det(curves, args.plot, title=f"{args.folder.name}: {len(photos.names)} people, {args.face} face")
-        report["plot"] = str(args.plot)
-        say(f"plot written to {args.plot}")
+        note_plot(report, args.plot)
     emit(args, report)
     return 0
-
-
-def _percent(value: float | None) -> str:
-    return "  n/a " if value is None else f"{100 * value:5.2f}%"
 
 
 def plot_det(curves: list[tuple[int, int, str, Trials]], path: Path, *, title: str) -> None:
