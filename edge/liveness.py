@@ -110,8 +110,10 @@ def planar_residual(before: Keyframe, now: Keyframe, source: np.ndarray, target:
     """Median off-plane displacement in full-frame pixels between two keyframes (plane + parallax): fit the
     homography of the points both share, warp the earlier crop by it onto the later one, and measure by optical
     flow how far each point's patch still is from where a plane would have put it. After the warp the patches
-    are aligned, so a tilting picture leaves no residual however fast it moves; depth does. None when no
-    homography can be fitted."""
+    are aligned, so a tilting picture leaves no residual however fast it moves; depth does. The point tracks the
+    homography is fitted to drift by up to ~0.5 px over a fast step, so the warp itself can be slightly off
+    everywhere; a plane's leftover flow is then one more homography, which a least-squares fit to the measured
+    flow takes out, while depth's leftover is not a homography and stays. None when no homography can be fitted."""
     if len(source) < MIN_PAIRED_POINTS:
         return None
     homography, _ = cv2.findHomography(source, target, cv2.RANSAC, ransac_px)
@@ -132,7 +134,12 @@ def planar_residual(before: Keyframe, now: Keyframe, source: np.ndarray, target:
     ok = found.ravel().astype(bool)
     if ok.sum() < MIN_PAIRED_POINTS:
         return None
-    return float(np.median(np.linalg.norm((found_at - start).reshape(-1, 2)[ok], axis=1))) / now.geometry[4]
+    start, found_at = start.reshape(-1, 2)[ok], found_at.reshape(-1, 2)[ok]
+    leftover, _ = cv2.findHomography(start, found_at, 0)  # least squares over all points: what a plane still owes
+    if leftover is None:
+        return None
+    planar_again = cv2.perspectiveTransform(start.reshape(-1, 1, 2).astype(np.float64), leftover).reshape(-1, 2)
+    return float(np.median(np.linalg.norm(found_at - planar_again, axis=1))) / now.geometry[4]
 
 
 class Liveness:

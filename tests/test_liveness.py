@@ -18,7 +18,7 @@ from edge import attacks
 from edge.audit import AuditLog
 from edge.config import Config, LivenessConfig
 from edge.decide import Decider
-from edge.liveness import FAIL, PASS, PENDING, Liveness, LivenessVerdict
+from edge.liveness import FAIL, PASS, PENDING, Keyframe, Liveness, LivenessVerdict, planar_residual
 from edge.types import Face, Frame, Match
 from test_decide import BOX, known
 
@@ -80,6 +80,27 @@ def test_a_turning_picture_fails_and_a_turning_head_passes():
     head = verdicts(1.2, deg_per_s=TURN_DEG_PER_S, curved=True)
     assert head[-1].state == PASS and head[-1].parallax > limit
     assert head[-1].motion >= LivenessConfig().min_motion and head[-1].points >= 12
+
+
+def test_a_picture_whose_point_tracks_drifted_still_shows_no_depth():
+    """Under a fast sway the followed points drift (the multiface still screen: ~0.5 px over a 0.2 s step), so
+    the homography they give is slightly off and the warped crop misses by that much everywhere; a flat picture
+    must still measure flat (it passed at 0.0067 when that miss was taken for depth)."""
+    width_px = 100.0
+    picture = SKIN[:240, :240]
+    moved = np.array([[1.04, 0.03, 6.0], [-0.02, 1.01, 4.0], [2e-4, 1e-4, 1.0]])  # the picture tilts and nears
+    grey_before = cv2.cvtColor(picture, cv2.COLOR_BGR2GRAY)
+    grey_now = cv2.warpPerspective(grey_before, moved, grey_before.shape[::-1], flags=cv2.INTER_LINEAR)
+    inner = np.zeros_like(grey_before)
+    inner[40:170, 40:170] = 255  # away from the borders the tilt brings in
+    points = cv2.goodFeaturesToTrack(grey_before, 60, 0.03, 4, mask=inner)[:, 0]
+    drift_px = np.array([0.8, -0.6], np.float32)  # every track slid the same way: one homography, a wrong one
+    followed = cv2.perspectiveTransform(points.reshape(-1, 1, 2), moved).reshape(-1, 2) + drift_px
+    geometry = (0, 0, 240, 240, 1.0)
+    before = Keyframe(0.0, np.arange(len(points)), points, grey_before, geometry)
+    now = Keyframe(0.2, np.arange(len(points)), followed, grey_now, geometry)
+    residual_px = planar_residual(before, now, points, followed, 0.008 * width_px)
+    assert len(points) >= 20 and residual_px / width_px < LivenessConfig().min_parallax / 4
 
 
 def test_a_still_head_stays_pending():
