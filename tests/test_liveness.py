@@ -17,6 +17,7 @@ from conftest import cli
 from edge import attacks
 from edge.audit import AuditLog
 from edge.config import Config, LivenessConfig
+from edge.images import load_image
 from edge.decide import Decider
 from edge.liveness import FAIL, PASS, PENDING, Keyframe, Liveness, LivenessVerdict, planar_residual
 from edge.types import Face, Frame, Match
@@ -25,6 +26,7 @@ from test_decide import BOX, known
 ROOT = Path(__file__).resolve().parents[1]
 VIDEO = ROOT / "samples" / "video" / "walk_toward_camera.mp4"
 PHOTOS = ROOT / "samples" / "photos"
+MULTIFACE_SEED = 79  # multiface.jpg's index among the 90 photos of the measured make-attacks run (README)
 FPS = 25.0
 SIZE_PX = 400
 FOCAL_PX = 500.0
@@ -246,3 +248,19 @@ def test_eval_pad_rejects_the_attacks_and_passes_the_live_walk(attack_clips):
     genuine = report["genuine"]
     assert genuine["eligible_tracks"] >= 1 and genuine["bpcer_percent"] == 0.0
     assert 0 < genuine["median_time_to_pass_s"] < 2.0
+
+
+def test_the_group_photo_screen_that_once_passed_is_rejected_through_the_loop(data_dir, models_dir, tmp_path):
+    """The still-screen clip of multiface.jpg exactly as the measured run made it (its second face reached
+    0.0067 before the leftover flow was fitted away), through the door loop: no track passes."""
+    from edge.pad import evaluate_pad
+    from edge.pipeline import Pipeline
+
+    image = load_image(data_dir / "stills" / "multiface.jpg")
+    box = Pipeline(Config()).locate(image, thorough=True)[0].box
+    attacks.write_clip(tmp_path / "screen-still" / "multiface.mp4",
+                       attacks.still_frames(image, box, "screen-still", MULTIFACE_SEED))
+    report = evaluate_pad(Config(), [], tmp_path)
+    [clip] = report["attack_clips"]
+    assert clip["tracks"] >= 2 and not clip["accepted"]
+    assert clip["max_parallax"] < LivenessConfig().min_parallax / 2
