@@ -127,6 +127,10 @@ class TrackRecord:
     def max_parallax(self) -> float:
         return max(self.parallax, default=0.0)
 
+    def min_parallax(self) -> float | None:
+        """The lowest judged value: how close a live face came to the threshold (None: never judged)."""
+        return min(self.parallax, default=None)
+
     def passed_after_s(self) -> float | None:
         return next((t - self.first_t_s for t, s in zip(self.times_s, self.states) if s == PASS), None)
 
@@ -140,7 +144,8 @@ class TrackRecord:
         return {"track": track, "frames": len(self.states), "duration_s": round(self.times_s[-1] - self.first_t_s, 2),
                 "median_face_px": round(float(np.median(self.widths_px)), 1), "eligible": self.eligible(),
                 "passed": passed is not None, "time_to_pass_s": None if passed is None else round(passed, 2),
-                "final": self.states[-1], "max_parallax": round(self.max_parallax(), 4)}
+                "final": self.states[-1], "max_parallax": round(self.max_parallax(), 4),
+                "min_parallax": None if self.min_parallax() is None else round(self.min_parallax(), 4)}
 
 
 def run_clip(config: Config, pipeline, store, uri: str) -> tuple[dict[int, TrackRecord], int]:
@@ -234,6 +239,7 @@ def pad_report(per_type: dict[str, list], tracks: list[dict], config: Config) ->
     }
     eligible = [t for t in tracks if t["eligible"]]
     times = [t["time_to_pass_s"] for t in eligible if t["passed"]]
+    judged = [t["min_parallax"] for t in eligible if t["min_parallax"] is not None]
     return {
         "liveness": config.liveness.model_dump(),
         "attacks": attacks_summary,
@@ -243,6 +249,7 @@ def pad_report(per_type: dict[str, list], tracks: list[dict], config: Config) ->
             "eligible_tracks": len(eligible), "eligible_rule": f"face >= {ELIGIBLE_FACE_PX} px for >= {ELIGIBLE_S:g} s",
             "bpcer_percent": rate(sum(not t["passed"] for t in eligible), len(eligible)),
             "median_time_to_pass_s": round(float(np.median(times)), 2) if times else None,
+            "lowest_parallax": min(judged, default=None),
         },
         "attack_clips": [c for clips in per_type.values() for c in clips],
         "genuine_tracks": tracks,
@@ -260,8 +267,8 @@ def cmd_eval_pad(args, config: Config) -> int:
             f"(pass needs {config.liveness.min_parallax})")
     g = report["genuine"]
     say(f"eval-pad: genuine: BPCER {g['bpcer_percent']} % over {g['eligible_tracks']} tracks with {g['eligible_rule']} "
-        f"(all {g['tracks']} tracks: {g['bpcer_percent_all_tracks']} %), median time to pass {g['median_time_to_pass_s']} s; "
-        f"{time.perf_counter() - started:.0f} s")
+        f"(all {g['tracks']} tracks: {g['bpcer_percent_all_tracks']} %), median time to pass {g['median_time_to_pass_s']} s, "
+        f"lowest parallax {g['lowest_parallax']}; {time.perf_counter() - started:.0f} s")
     if args.json:
         emit_json(report)
     return 0

@@ -248,6 +248,8 @@ def test_eval_pad_rejects_the_attacks_and_passes_the_live_walk(attack_clips):
     genuine = report["genuine"]
     assert genuine["eligible_tracks"] >= 1 and genuine["bpcer_percent"] == 0.0
     assert 0 < genuine["median_time_to_pass_s"] < 2.0
+    limit = LivenessConfig().min_parallax
+    assert max(s["max_parallax"] for s in report["attacks"].values()) < limit <= genuine["lowest_parallax"]
 
 
 def test_the_group_photo_screen_that_once_passed_is_rejected_through_the_loop(data_dir, models_dir, tmp_path):
