@@ -4,9 +4,10 @@ The cue is parallax. Corner points inside the face are tracked from frame to fra
 with a forward-backward check). A flat picture (a print, a phone or monitor showing a still or a video),
 however it is moved, tilted or brought closer, maps between two frames by one homography, so the points of a
 picture fit one homography to within tracking noise. A real head that approaches, sways or turns does not:
-nose, eyes and cheeks lie at different depths and move apart from each other. The evidence is the median
-residual of the points under the best homography between a keyframe and now, divided by the face width
-(`parallax`), taken over keyframes within the last `window_s`, together with how much the face moved meanwhile
+nose, eyes and cheeks lie at different depths and move apart from each other. The evidence is how far the
+face's patches still are from where a plane would put them, between a keyframe and now (the earlier crop warped
+by the points' homography, whatever homography is left in the measured flow fitted away; see planar_residual),
+median over the points divided by the face width (`parallax`), taken over keyframes within the last `window_s`, together with how much the face moved meanwhile
 (`motion`, median point displacement / face width). A face that did not move yet is `pending`, one that moved
 with planar residuals only is `fail`, one with depth residuals is `pass`.
 
@@ -33,6 +34,7 @@ CORNER_QUALITY = 0.03
 CORNER_MIN_DISTANCE_PX = 4
 MIN_PAIRED_POINTS = 12  # fewer points in common with a keyframe: no homography is fitted
 RANSAC_FACE_FRACTION = 0.008  # RANSAC inlier distance, as a fraction of the face width
+LEAST_SQUARES = 0  # cv2.findHomography's method fitting all points (no outlier rejection)
 KEYFRAME_SLACK_S = 1e-3  # frame times are rounded: a keyframe due at 0.2 s may arrive at 0.19999
 
 
@@ -135,7 +137,7 @@ def planar_residual(before: Keyframe, now: Keyframe, source: np.ndarray, target:
     if ok.sum() < MIN_PAIRED_POINTS:
         return None
     start, found_at = start.reshape(-1, 2)[ok], found_at.reshape(-1, 2)[ok]
-    leftover, _ = cv2.findHomography(start, found_at, 0)  # least squares over all points: what a plane still owes
+    leftover, _ = cv2.findHomography(start, found_at, LEAST_SQUARES)  # what a plane still owes after the warp
     if leftover is None:
         return None
     planar_again = cv2.perspectiveTransform(start.reshape(-1, 1, 2).astype(np.float64), leftover).reshape(-1, 2)
