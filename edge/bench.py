@@ -68,7 +68,7 @@ def liveness_step(config: Config):
     from edge.liveness import Liveness
     from edge.types import Frame, Match
 
-    decider, liveness = Decider(config.decide), Liveness(config.liveness)
+    decider, liveness = Decider(config.decide), Liveness(config.liveness, models_dir=config.resolved_models_dir())
     nobody = Match(None, 1.0, 0.0)
 
     def step(image, faces, index: int) -> float:

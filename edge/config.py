@@ -179,8 +179,9 @@ class ImagesConfig(Section):
 
 
 class LivenessConfig(Section):
-    mode: Literal["off", "parallax"] = Field(
-        "parallax", description="off, or parallax: an unlock also needs the track's face to show depth (README, Liveness)"
+    mode: Literal["off", "parallax", "blink", "any", "all"] = Field(
+        "parallax", description="off; parallax (the face shows depth) or blink (the eyes blink) before an unlock; any: "
+        "either cue passes; all: both must (README, Liveness)"
     )
     window_s: float = Field(2.0, ge=0.2, le=30.0, description="evidence older than this is forgotten (a swapped-in photo cannot inherit it)")
     min_parallax: float = Field(0.006, ge=0.0, le=1.0, description="median off-homography residual / face width needed to pass")
@@ -190,6 +191,10 @@ class LivenessConfig(Section):
     min_pairs: int = Field(3, ge=1, le=100, description="moving keyframe steps needed in the window before pass or fail")
     max_points: int = Field(60, ge=16, le=500, description="corner points followed per face")
     work_px: int = Field(120, ge=40, le=400, description="faces are tracked at this width (larger faces are downscaled)")
+    blink_window_s: float = Field(5.0, ge=0.5, le=60.0, description="blink cue: a blink counts this long; the open-eye baseline is the median openness over this time")
+    blink_closed_ratio: float = Field(0.6, gt=0.0, lt=1.0, description="blink cue: openness below this fraction of the baseline starts a blink")
+    blink_open_ratio: float = Field(0.85, gt=0.0, le=1.0, description="blink cue: back above this fraction of the baseline ends it")
+    blink_max_s: float = Field(0.5, ge=0.05, le=2.0, description="blink cue: eyes closed longer than this are not a blink")
 
     @field_validator("mode", mode="before")
     @classmethod

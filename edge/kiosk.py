@@ -79,7 +79,8 @@ class Kiosk:
         self.emit = emit or (lambda event: None)
         self.clock = clock
         self.decider = Decider(config.decide)
-        self.liveness = Liveness(config.liveness) if config.liveness.mode != "off" else None
+        self.liveness = (Liveness(config.liveness, models_dir=config.resolved_models_dir())
+                         if config.liveness.mode != "off" else None)
         self._button = threading.Event()
         self._capture_left = 0
         self._candidates: list[EmbeddedFace] = []

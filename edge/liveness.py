@@ -11,12 +11,16 @@ median over the points divided by the face width (`parallax`), taken over keyfra
 (`motion`, median point displacement / face width). A face that did not move yet is `pending`, one that moved
 with planar residuals only is `fail`, one with depth residuals is `pass`.
 
-One `Liveness` per camera keeps a small state per track id (the decider's), fed by `observe` every frame.
+The second cue, blink (edge/blink.py), looks for an eye blink in FaceMesh's eye landmarks; it passes or stays
+pending, never fails. `mode` picks parallax, blink, `any` (either passing is enough; a parallax fail stands until
+a blink passes) or `all` (both must pass; a parallax fail fails). One `Liveness` per camera keeps a small state
+per track id (the decider's), fed by `observe` every frame.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -25,6 +29,7 @@ from edge.config import LivenessConfig
 from edge.types import Face, Frame
 
 PASS, FAIL, PENDING, OFF = "pass", "fail", "pending", "off"
+PARALLAX_MODES, BLINK_MODES = ("parallax", "any", "all"), ("blink", "any", "all")
 MARGIN = 0.25  # the tracking crop reaches this fraction of the face width beyond the box (the face moves)
 INNER = 0.12  # new points are taken inside the box shrunk by this fraction per side (face, not background)
 LK_WINDOW_PX = 15
@@ -47,10 +52,17 @@ class LivenessVerdict:
     motion: float = 0.0
     points: int = 0
     evidence_s: float = 0.0
+    blinks: int | None = None  # the blink cue's, when it is on: blinks in its window, this frame's eye openness
+    openness: float | None = None  # and that openness as a fraction of the open-eye baseline
+    openness_ratio: float | None = None
 
     def evidence(self) -> dict:
-        return {"parallax": round(self.parallax, 4), "motion": round(self.motion, 4), "points": self.points,
-                "evidence_s": round(self.evidence_s, 2)}
+        evidence = {"parallax": round(self.parallax, 4), "motion": round(self.motion, 4), "points": self.points,
+                    "evidence_s": round(self.evidence_s, 2)}
+        if self.blinks is not None:
+            evidence |= {"blinks": self.blinks, "openness": round(self.openness, 4),
+                         "openness_ratio": round(self.openness_ratio, 3)}
+        return evidence
 
 
 LIVENESS_OFF = LivenessVerdict(OFF)
@@ -144,20 +156,54 @@ def planar_residual(before: Keyframe, now: Keyframe, source: np.ndarray, target:
     return float(np.median(np.linalg.norm(found_at - planar_again, axis=1))) / now.geometry[4]
 
 
-class Liveness:
-    """Per-track parallax evidence; `observe(track, frame, face)` every frame → the track's verdict now."""
+def combine(mode: str, parallax: LivenessVerdict | None, blink) -> LivenessVerdict:
+    """The verdict of `mode` from the parallax verdict and the blink evidence (edge.blink.BlinkEvidence), each
+    None when its cue is off: blink passes once a blink is in its window, else it is pending."""
+    blink_state = None if blink is None else (PASS if blink.blinks > 0 else PENDING)
+    if mode == "parallax":
+        return parallax
+    if mode == "blink":
+        state = blink_state
+    elif mode == "any":
+        state = PASS if PASS in (parallax.state, blink_state) else parallax.state
+    else:  # all
+        state = PASS if parallax.state == blink_state == PASS else FAIL if parallax.state == FAIL else PENDING
+    return replace(parallax or LivenessVerdict(state), state=state, blinks=blink.blinks, openness=blink.openness,
+                   openness_ratio=blink.ratio)
 
-    def __init__(self, settings: LivenessConfig) -> None:
+
+class Liveness:
+    """Per-track liveness; `observe(track, frame, face)` every frame → the track's verdict now. The blink cue
+    needs FaceMesh from `models_dir` (default: the configured models folder)."""
+
+    def __init__(self, settings: LivenessConfig, *, models_dir: Path | None = None) -> None:
         self.settings = settings
         self.tracks: dict[int, TrackState] = {}
         self.on_verdict = None  # optional callable(track_id, frame, face, verdict), e.g. eval-pad's recorder
+        self.blink = None
+        if settings.mode in BLINK_MODES:
+            from edge.blink import Blink
+            from engines.fetch import default_models_dir
+
+            self.blink = Blink(settings, models_dir=models_dir or default_models_dir())
 
     def keep(self, track_ids) -> None:
         """Forget tracks the decider no longer holds."""
         for gone in set(self.tracks) - set(track_ids):
             del self.tracks[gone]
+        if self.blink is not None:
+            self.blink.keep(track_ids)
 
     def observe(self, track_id: int, frame: Frame, face: Face) -> LivenessVerdict:
+        parallax = self._parallax(track_id, frame, face) if self.settings.mode in PARALLAX_MODES else None
+        blink = None if self.blink is None else self.blink.observe(track_id, frame.image, face.landmarks, frame.t_s)
+        verdict = combine(self.settings.mode, parallax, blink)
+        if self.on_verdict is not None:
+            self.on_verdict(track_id, frame, face, verdict)
+        return verdict
+
+    def _parallax(self, track_id: int, frame: Frame, face: Face) -> LivenessVerdict:
+        """The parallax cue's verdict for this frame."""
         s = self.settings
         state = self.tracks.get(track_id)
         if state is None:
@@ -176,8 +222,6 @@ class Liveness:
         while state.keyframes and frame.t_s - state.keyframes[0].t_s > s.window_s:
             state.keyframes.popleft()
         state.verdict = self._judge(state, frame.t_s)
-        if self.on_verdict is not None:
-            self.on_verdict(track_id, frame, face, state.verdict)
         return state.verdict
 
     def _keyframe(self, state: TrackState, t_s: float, width_px: float, grey: np.ndarray, geometry: tuple) -> Keyframe:

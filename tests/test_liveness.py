@@ -182,7 +182,7 @@ def test_audit_rows_carry_the_verdict_and_old_logs_gain_the_columns(tmp_path):
 
 def test_config_rejects_a_mode_that_does_not_exist(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text("liveness:\n  mode: blink\n")
+    path.write_text("liveness:\n  mode: wink\n")
     result = cli("doctor", "--config", path, "--no-camera")
     assert result.returncode == 2 and "liveness.mode" in result.stderr
 

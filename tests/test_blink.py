@@ -1,0 +1,206 @@
+"""The blink cue: blinks found in synthetic eye-openness sequences (and slow closings, stares and noise not
+counted), how the liveness modes combine the cues, the FaceMesh crop, and the real FaceMesh on real photos."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge import blink
+from edge.blink import BlinkEvidence, BlinkTrack, Region, add_sample, eye_openness, region_from_landmarks
+from edge.config import LivenessConfig
+from edge.errors import ModelError
+from edge.liveness import FAIL, PASS, PENDING, Liveness, LivenessVerdict, combine
+from edge.types import Face, Frame
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT / "samples" / "photos"
+FPS = 25.0
+OPEN = 0.30  # a typical open-eye aspect ratio from FaceMesh
+SETTINGS = LivenessConfig(mode="blink")
+
+
+def feed(values, *, settings: LivenessConfig = SETTINGS, start_s: float = 0.0) -> list[BlinkEvidence]:
+    track = BlinkTrack()
+    return [add_sample(track, start_s + i / FPS, v, settings) for i, v in enumerate(values)]
+
+
+def jitter(seconds: float, *, level: float = OPEN, spread: float = 0.03, seed: int = 0) -> list[float]:
+    """Open eyes with landmark noise: ±spread relative, uniform."""
+    rng = np.random.default_rng(seed)
+    return list(level * (1 + rng.uniform(-spread, spread, int(seconds * FPS))))
+
+
+def test_a_blink_is_seen_when_the_eyes_open_again():
+    closing = [0.20, 0.08, 0.06, 0.12, 0.22]  # 0.2 s, the usual blink
+    evidence = feed(jitter(1.0) + closing + [OPEN] * 5)
+    blinks = [e.blinks for e in evidence]
+    assert max(blinks[:25 + 4]) == 0  # not while the eyes are still closed or reopening
+    assert blinks[25 + 5:] == [1] * 5  # once back above 85 % of the open-eye level
+    assert min(e.ratio for e in evidence) == pytest.approx(0.06 / OPEN, rel=0.05)
+
+
+def test_eyes_closed_longer_than_a_blink_are_not_one():
+    evidence = feed(jitter(1.0) + [0.05] * int(0.8 * FPS) + [OPEN] * 10)
+    assert max(e.blinks for e in evidence) == 0
+
+
+def test_a_stare_with_landmark_noise_and_a_slow_nod_never_blink():
+    """A photo's eyes: noisy but open for ten seconds; then the openness sinking over two seconds (a head nodding
+    down, a picture tilted away) and staying there."""
+    sinking = list(np.linspace(OPEN, 0.4 * OPEN, int(2 * FPS)))
+    evidence = feed(jitter(10.0, spread=0.08) + sinking + [0.4 * OPEN] * 25)
+    assert max(e.blinks for e in evidence) == 0
+
+
+def test_after_a_lasting_change_of_level_blinks_count_again():
+    """Eyes narrowed for good (a head lowered, the camera seen from below): later blinks from that level count."""
+    low = 0.5 * OPEN
+    evidence = feed(jitter(1.0) + jitter(6.0, level=low, seed=2) + [0.03, 0.03, low, low])
+    assert [e.blinks for e in evidence[:-2]] == [0] * (len(evidence) - 2) and evidence[-1].blinks == 1
+
+
+def test_a_dip_before_the_open_eye_level_is_known_is_not_judged():
+    evidence = feed([OPEN, 0.05, OPEN] + jitter(1.0))
+    assert max(e.blinks for e in evidence) == 0
+
+
+def test_a_blink_is_forgotten_after_the_window():
+    settings = LivenessConfig(mode="blink", blink_window_s=2.0)
+    evidence = feed(jitter(1.0) + [0.05, 0.05, OPEN] + jitter(3.0, seed=1), settings=settings)
+    blinks = [e.blinks for e in evidence]
+    ended = 25 + 2
+    assert blinks[ended] == 1 and blinks[ended + int(1.9 * FPS)] == 1
+    assert blinks[ended + int(2.1 * FPS):] == [0] * len(blinks[ended + int(2.1 * FPS):])
+
+
+def test_the_threshold_is_relative_to_this_face():
+    """Narrow eyes (open level 0.18) blink down to 0.07: a blink, though a wide eye would read 0.18 as closed."""
+    evidence = feed(jitter(1.0, level=0.18) + [0.07, 0.07, 0.18, 0.18])
+    assert evidence[-1].blinks == 1
+    assert feed(jitter(1.0, level=0.18) + [0.14, 0.14, 0.18])[-1].blinks == 0  # 78 %: not closed
+
+
+# ---- modes -------------------------------------------------------------------------------------------------------
+
+
+PARALLAX = {state: LivenessVerdict(state, parallax=0.01, motion=0.05, points=40, evidence_s=0.8)
+            for state in (PASS, FAIL, PENDING)}
+BLINKED, NOT_YET = BlinkEvidence(1, 0.3, 1.0), BlinkEvidence(0, 0.3, 1.0)
+
+
+@pytest.mark.parametrize("mode, parallax, blinked, state", [
+    ("blink", None, True, PASS), ("blink", None, False, PENDING),
+    ("any", PASS, False, PASS), ("any", FAIL, True, PASS), ("any", FAIL, False, FAIL), ("any", PENDING, False, PENDING),
+    ("all", PASS, True, PASS), ("all", PASS, False, PENDING), ("all", FAIL, True, FAIL),
+    ("all", PENDING, True, PENDING),
+])
+def test_modes_combine_the_cues(mode, parallax, blinked, state):
+    verdict = combine(mode, PARALLAX.get(parallax), BLINKED if blinked else NOT_YET)
+    assert verdict.state == state
+    evidence = verdict.evidence()
+    assert evidence["blinks"] == int(blinked) and evidence["openness"] == 0.3
+    assert evidence["parallax"] == (0.01 if parallax else 0.0)
+
+
+def test_parallax_mode_keeps_its_evidence_unchanged():
+    verdict = combine("parallax", PARALLAX[PASS], None)
+    assert verdict == PARALLAX[PASS] and "blinks" not in verdict.evidence()
+
+
+@pytest.mark.parametrize("mode", ["off", "parallax", "blink", "any", "all"])
+def test_every_mode_is_a_valid_config(mode):
+    assert LivenessConfig(mode=mode).mode == mode
+
+
+def test_a_missing_facemesh_names_the_fix(tmp_path):
+    with pytest.raises(ModelError, match="face_landmark.onnx not found: run `make models`"):
+        Liveness(LivenessConfig(mode="any"), models_dir=tmp_path)
+
+
+# ---- the crop ----------------------------------------------------------------------------------------------------
+
+
+def five_points(angle_rad: float, centre=(200.0, 150.0), eyes_px: float = 60.0) -> np.ndarray:
+    """dlib-order 5 points of an upright face turned by angle_rad (image coordinates, y down)."""
+    upright = np.array([[40, 0], [20, 0], [-40, 0], [-20, 0], [0, 40]], np.float64) * eyes_px / 60.0
+    cos, sin = np.cos(angle_rad), np.sin(angle_rad)
+    return upright @ np.array([[cos, sin], [-sin, cos]]) + centre
+
+
+@pytest.mark.parametrize("angle_deg", [0.0, 25.0, -40.0])
+def test_the_crop_levels_the_eyes_and_sits_below_them(angle_deg):
+    points = five_points(np.radians(angle_deg))
+    region = region_from_landmarks(points)
+    assert region.angle_rad == pytest.approx(np.radians(angle_deg))
+    assert region.side_px == pytest.approx(blink.ROI_SIDE_PER_EYES * 60.0)
+    to_crop = region.to_crop()
+    in_crop = points @ to_crop[:, :2].T + to_crop[:, 2]
+    assert in_crop[0, 1] == pytest.approx(in_crop[2, 1])  # eyes level
+    assert in_crop[0, 0] > in_crop[2, 0]  # not mirrored: the image's right eye stays on the right
+    eye_line_y = blink.INPUT_PX / 2 - blink.ROI_CENTRE_DOWN * 60.0 * blink.INPUT_PX / region.side_px
+    assert in_crop[0, 1] == pytest.approx(eye_line_y)
+    assert in_crop[4, 1] > eye_line_y  # the nose below
+
+
+def test_eye_openness_is_lid_distance_over_eye_width():
+    points = np.zeros((blink.POINTS, 3))
+    for (outer, inner), lids in blink.EYES:
+        points[outer, :2], points[inner, :2] = (0, 0), (40, 0)
+        for (upper, lower), height in zip(lids, (10, 14)):
+            points[upper, :2], points[lower, :2] = (15, -height / 2), (15, height / 2)
+    assert eye_openness(points) == pytest.approx(12 / 40)
+
+
+# ---- the real model ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mesh_and_faces(models_dir):
+    from edge.config import Config
+    from edge.pipeline import Pipeline
+
+    if not (models_dir / blink.MODEL_FILE).exists():
+        pytest.skip(f"{models_dir / blink.MODEL_FILE} absent: run `make models`")
+    pipeline = Pipeline(Config(models_dir=models_dir))
+    image = cv2.imread(str(PHOTOS / "obama.jpg"))
+    return blink.FaceMesh(onnx_path=models_dir / blink.MODEL_FILE), pipeline, image, pipeline.locate(image)[0]
+
+
+def test_facemesh_finds_open_eyes_in_a_photo(mesh_and_faces):
+    mesh, _, image, face = mesh_and_faces
+    points, logit = mesh.infer(image, region_from_landmarks(face.landmarks))
+    assert logit > 10
+    assert 0.15 < eye_openness(points) < 0.35
+    corners = points[[33, 133, 263, 362], :2]  # inside the crop's upper half, left to right as in the image
+    assert np.all((corners > 0) & (corners < blink.INPUT_PX)) and np.all(corners[:, 1] < blink.INPUT_PX / 2)
+
+
+def test_a_tilted_head_gives_the_same_openness(mesh_and_faces):
+    """The crop turns with the eye line: the photo rotated by 30° reads (nearly) the same openness."""
+    mesh, pipeline, image, face = mesh_and_faces
+    upright = eye_openness(mesh.infer(image, region_from_landmarks(face.landmarks))[0])
+    height, width = image.shape[:2]
+    turned = cv2.warpAffine(image, cv2.getRotationMatrix2D((width / 2, height / 2), 30, 1.0), (width, height))
+    tilted_face = pipeline.locate(turned)[0]
+    points, logit = mesh.infer(turned, region_from_landmarks(tilted_face.landmarks))
+    assert logit > 10 and eye_openness(points) == pytest.approx(upright, rel=0.1)
+
+
+def test_a_still_photo_never_passes_on_blinks(mesh_and_faces, models_dir):
+    """Three seconds of the same photo, shifted a pixel or two per frame: open eyes, no blink, pending."""
+    _, _, image, face = mesh_and_faces
+    live = Liveness(LivenessConfig(mode="blink"), models_dir=models_dir)
+    states, openness = [], []
+    for i in range(int(3 * FPS)):
+        shift = np.float32([[1, 0, i % 3], [0, 1, (i // 3) % 2]])
+        frame = cv2.warpAffine(image, shift, image.shape[1::-1], borderMode=cv2.BORDER_REPLICATE)
+        moved = Face(tuple(np.add(face.box, [i % 3, (i // 3) % 2] * 2)), face.score,
+                     face.landmarks + [i % 3, (i // 3) % 2])
+        verdict = live.observe(1, Frame(frame, i, i / FPS), moved)
+        states.append(verdict.state)
+        openness.append(verdict.openness)
+    assert set(states) == {PENDING} and verdict.blinks == 0
+    assert np.ptp(openness) < 0.1 * np.median(openness)  # FaceMesh is steady on a still face
