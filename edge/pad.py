@@ -123,6 +123,8 @@ class TrackRecord:
     widths_px: list = field(default_factory=list)
     states: list = field(default_factory=list)
     parallax: list = field(default_factory=list)  # of the judged (pass/fail) frames
+    openness_ratios: list = field(default_factory=list)  # the blink cue's, of every frame, when it is on
+    blinks: int = 0  # the most blinks the blink cue held at once
 
     def max_parallax(self) -> float:
         return max(self.parallax, default=0.0)
@@ -130,6 +132,10 @@ class TrackRecord:
     def min_parallax(self) -> float | None:
         """The lowest judged value: how close a live face came to the threshold (None: never judged)."""
         return min(self.parallax, default=None)
+
+    def min_openness_ratio(self) -> float | None:
+        """The deepest eye closing seen, as a fraction of the open-eye baseline (None: blink cue off)."""
+        return round(min(self.openness_ratios), 3) if self.openness_ratios else None
 
     def passed_after_s(self) -> float | None:
         return next((t - self.first_t_s for t, s in zip(self.times_s, self.states) if s == PASS), None)
@@ -145,7 +151,8 @@ class TrackRecord:
                 "median_face_px": round(float(np.median(self.widths_px)), 1), "eligible": self.eligible(),
                 "passed": passed is not None, "time_to_pass_s": None if passed is None else round(passed, 2),
                 "final": self.states[-1], "max_parallax": round(self.max_parallax(), 4),
-                "min_parallax": None if self.min_parallax() is None else round(self.min_parallax(), 4)}
+                "min_parallax": None if self.min_parallax() is None else round(self.min_parallax(), 4),
+                "blinks": self.blinks, "min_openness_ratio": self.min_openness_ratio()}
 
 
 def run_clip(config: Config, pipeline, store, uri: str) -> tuple[dict[int, TrackRecord], int]:
@@ -164,6 +171,9 @@ def run_clip(config: Config, pipeline, store, uri: str) -> tuple[dict[int, Track
         entry.states.append(verdict.state)
         if verdict.state != PENDING:
             entry.parallax.append(verdict.parallax)
+        if verdict.blinks is not None:
+            entry.openness_ratios.append(verdict.openness_ratio)
+            entry.blinks = max(entry.blinks, verdict.blinks)
 
     kiosk.liveness.on_verdict = record
     with open_camera(config, uri) as source:
@@ -213,7 +223,10 @@ def evaluate_pad(config: Config, genuine: list[Path], attack_dir: Path | None) -
                     passed = [t for t, r in records.items() if r.passed_after_s() is not None]
                     per_type.setdefault(kind_dir.name, []).append(
                         {"clip": str(clip), "frames": frames, "tracks": len(records), "accepted": bool(passed),
-                         "max_parallax": round(max((r.max_parallax() for r in records.values()), default=0.0), 4)})
+                         "max_parallax": round(max((r.max_parallax() for r in records.values()), default=0.0), 4),
+                         "blinks": max((r.blinks for r in records.values()), default=0),
+                         "min_openness_ratio": min((r.min_openness_ratio() for r in records.values()
+                                                    if r.min_openness_ratio() is not None), default=None)})
                     say(f"{kind_dir.name} {clip.name}: {len(records)} track(s), "
                         f"{'ACCEPTED' if passed else 'rejected'}")
         tracks = []

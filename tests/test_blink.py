@@ -14,6 +14,7 @@ from edge.config import LivenessConfig
 from edge.errors import ModelError
 from edge.liveness import FAIL, PASS, PENDING, Liveness, LivenessVerdict, combine
 from edge.types import Face, Frame
+from test_liveness import attack_clips, enrolled_store, run_events  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "samples" / "photos"
@@ -204,3 +205,24 @@ def test_a_still_photo_never_passes_on_blinks(mesh_and_faces, models_dir):
         openness.append(verdict.openness)
     assert set(states) == {PENDING} and verdict.blinks == 0
     assert np.ptp(openness) < 0.1 * np.median(openness)  # FaceMesh is steady on a still face
+
+
+# ---- end to end: the real loop -----------------------------------------------------------------------------------
+
+
+def test_a_print_of_an_enrolled_person_does_not_open_on_blinks(attack_clips, enrolled_store, tmp_path, models_dir):
+    """Through the real `run` CLI: with blink alone the print stays pending (no unlock, nothing reported); with
+    `any` the parallax cue fails it and the event carries the blink evidence too (no blink, eyes open)."""
+    if not (models_dir / blink.MODEL_FILE).exists():
+        pytest.skip(f"{models_dir / blink.MODEL_FILE} absent: run `make models`")
+    out, _ = attack_clips
+    clip = f"file://{out / 'print' / 'obama2.mp4'}"
+    (tmp_path / "blink").mkdir()
+    events = run_events(clip, enrolled_store, tmp_path / "blink", "liveness:", "  mode: blink")
+    assert [e["event"] for e in events if e["event"] in ("unlock", "liveness_fail")] == []
+    events = run_events(clip, enrolled_store, tmp_path, "liveness:", "  mode: any")
+    assert [e for e in events if e["event"] == "unlock"] == []
+    [refused] = [e for e in events if e["event"] == "liveness_fail"]
+    evidence = refused["liveness_evidence"]
+    assert refused["person"] == "obama" and evidence["blinks"] == 0 and 0.1 < evidence["openness"] < 0.5
+    assert evidence["parallax"] < LivenessConfig().min_parallax
