@@ -122,8 +122,11 @@ class BlinkTrack:
 
 def add_sample(track: BlinkTrack, t_s: float, openness: float, s: LivenessConfig) -> BlinkEvidence:
     """Feed one frame's openness to a track's blink detector; pure logic (no model), the evidence now."""
-    history = [value for when, value in track.samples if when >= t_s - s.blink_window_s]
-    baseline = float(np.median(history)) if len(history) >= MIN_BASELINE_FRAMES else None
+    while track.samples and track.samples[0][0] < t_s - s.blink_window_s:
+        track.samples.popleft()
+    while track.blink_ends_s and track.blink_ends_s[0] < t_s - s.blink_window_s:
+        track.blink_ends_s.popleft()
+    baseline = float(np.median([v for _, v in track.samples])) if len(track.samples) >= MIN_BASELINE_FRAMES else None
     if track.dip_start_s is not None and t_s - track.dip_start_s > s.blink_max_s:
         track.dip_start_s, track.shut = None, True  # closed too long: eyes shut or looking down, not a blink
     if track.dip_start_s is not None:
@@ -136,10 +139,6 @@ def add_sample(track: BlinkTrack, t_s: float, openness: float, s: LivenessConfig
         track.shut = False
     if track.dip_start_s is None:  # frames of a dip would pull the open-eye baseline down
         track.samples.append((t_s, openness))
-    while track.samples and track.samples[0][0] < t_s - s.blink_window_s:
-        track.samples.popleft()
-    while track.blink_ends_s and track.blink_ends_s[0] < t_s - s.blink_window_s:
-        track.blink_ends_s.popleft()
     reference = track.dip_baseline if track.dip_start_s is not None else baseline
     return BlinkEvidence(len(track.blink_ends_s), openness, openness / reference if reference else 1.0)
 

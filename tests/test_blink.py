@@ -77,6 +77,22 @@ def test_a_blink_is_forgotten_after_the_window():
     assert blinks[ended + int(2.1 * FPS):] == [0] * len(blinks[ended + int(2.1 * FPS):])
 
 
+def test_two_blinks_in_quick_succession_both_count():
+    """Closed frames are kept out of the open-eye level: else, early in a track, the first blink's six closed
+    frames would outnumber the open ones and hide the second blink."""
+    closed = [0.05] * 6
+    evidence = feed([OPEN] * 3 + closed + [OPEN] * 2 + closed + [OPEN] * 2)
+    assert evidence[-1].blinks == 2
+
+
+def test_a_blink_counts_with_the_shortest_window():
+    """With a 0.5 s window the level before the dip has left the window when the eyes reopen: the dip is judged
+    against the level it started from."""
+    settings = LivenessConfig(mode="blink", blink_window_s=0.5)
+    evidence = feed([OPEN] * 15 + [0.05] * 10 + [OPEN], settings=settings)
+    assert evidence[-1].blinks == 1
+
+
 def test_the_threshold_is_relative_to_this_face():
     """Narrow eyes (open level 0.18) blink down to 0.07: a blink, though a wide eye would read 0.18 as closed."""
     evidence = feed(jitter(1.0, level=0.18) + [0.07, 0.07, 0.18, 0.18])
