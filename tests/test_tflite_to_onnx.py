@@ -1,5 +1,6 @@
-"""engines.tflite_to_onnx: the FlatBuffer reader, TFLite's SAME padding, refusals, and the converted FaceMesh
-against Google's TFLite interpreter on a real face (outputs recorded by tools/tflite_reference.py)."""
+"""engines.tflite_to_onnx: the FlatBuffer reader, TFLite's SAME padding, refusals, and the converted FaceMesh and
+iris models against Google's TFLite interpreter on a real face and eye (outputs recorded by
+tools/tflite_reference.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,12 +11,14 @@ import onnxruntime as ort
 import pytest
 
 from edge.errors import ModelError
-from engines.tflite_to_onnx import CONV_2D, build_graph, convert, read_tflite, same_pads
+from engines.tflite_to_onnx import CONV_2D, RESHAPE, build_graph, convert, read_tflite, same_pads
 
-REFERENCE = Path(__file__).with_name("data") / "facemesh_reference.npz"
-LANDMARKS_OUTPUT, FACE_OUTPUT = "conv2d_20", "conv2d_30"
-LANDMARK_TOLERANCE_PX = 2e-3  # of a 192-px crop; float32 summation order differs between the two runtimes
-LOGIT_TOLERANCE = 1e-3
+DATA = Path(__file__).with_name("data")
+# model, its reference (tools/tflite_reference.py), tolerance per output: float32 sums in another order
+REFERENCES = {
+    "face_landmark": ("facemesh_reference.npz", {"conv2d_20": 2e-3, "conv2d_30": 1e-3}),  # 468 points; face logit
+    "iris_landmark": ("iris_reference.npz", {"output_eyes_contours_and_brows": 1e-3, "output_iris": 1e-3}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +29,25 @@ def tflite_path(models_dir) -> Path:
     return path
 
 
-def test_converted_facemesh_matches_the_tflite_interpreter(tflite_path, tmp_path):
-    onnx_path = tmp_path / "face_landmark.onnx"
-    convert(tflite_path, onnx_path)
-    with np.load(REFERENCE) as reference:
-        image, landmarks, face = reference["input"], reference[LANDMARKS_OUTPUT], reference[FACE_OUTPUT]
+@pytest.mark.parametrize("model", sorted(REFERENCES))
+def test_converted_model_matches_the_tflite_interpreter(model, models_dir, tmp_path):
+    tflite = models_dir / f"{model}.tflite"
+    if not tflite.exists():
+        pytest.skip(f"{tflite} absent: run `make models`")
+    onnx_path = tmp_path / f"{model}.onnx"
+    convert(tflite, onnx_path)
+    reference_file, tolerances = REFERENCES[model]
+    with np.load(DATA / reference_file) as reference:
+        image, expected = reference["input"], {name: reference[name] for name in tolerances}
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     outputs = dict(zip([o.name for o in session.get_outputs()],
-                       session.run(None, {"input_1": image.astype(np.float32) / 255.0})))
-    assert outputs[LANDMARKS_OUTPUT].shape == landmarks.shape == (1, 1, 1, 1404)
-    assert np.abs(outputs[LANDMARKS_OUTPUT] - landmarks).max() < LANDMARK_TOLERANCE_PX
-    assert abs(float(outputs[FACE_OUTPUT].ravel()[0]) - float(face.ravel()[0])) < LOGIT_TOLERANCE
-    assert np.ptp(landmarks) > 100  # the reference is a face spread over the crop, not a degenerate output
+                       session.run(None, {session.get_inputs()[0].name: image.astype(np.float32) / 255.0})))
+    assert outputs.keys() == expected.keys()
+    for name, tolerance in tolerances.items():
+        assert outputs[name].shape == expected[name].shape
+        assert np.abs(outputs[name] - expected[name]).max() < tolerance, name
+    first = next(iter(tolerances))
+    assert np.ptp(expected[first]) > 30  # the reference is landmarks spread over the crop, not a degenerate output
 
 
 def test_the_reader_sees_the_pinned_model(tflite_path):
@@ -69,6 +79,19 @@ def test_not_a_tflite_file_is_refused(tmp_path):
     with pytest.raises(ModelError, match="bad.tflite: corrupt TensorFlow Lite model"):
         convert(bad, tmp_path / "bad.onnx")
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_a_reshaped_tensor_feeding_another_operator_is_refused(models_dir):
+    """After a Reshape the tensor is no longer a feature map: an operator reading it would get a wrong layout."""
+    path = models_dir / "iris_landmark.tflite"
+    if not path.exists():
+        pytest.skip(f"{path} absent: run `make models`")
+    model = read_tflite(path.read_bytes())
+    reshape = next(i for i, op in enumerate(model.operators) if op.code == RESHAPE)
+    follower = dataclasses.replace(model.operators[0], inputs=[model.operators[reshape].outputs[0]])
+    model.operators.insert(reshape + 1, follower)
+    with pytest.raises(ModelError, match="a reshaped tensor feeds another operator"):
+        build_graph(model)
 
 
 def test_an_operator_it_does_not_know_is_refused_by_number(tflite_path):

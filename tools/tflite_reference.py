@@ -2,11 +2,12 @@
 
     python tools/tflite_reference.py MODEL.tflite REFERENCE.npz
 
-REFERENCE.npz holds `input`, one uint8 NHWC image; the model is run on it as float32 / 255 (FaceMesh's input
-range) and every output is written back into the file under its tensor name, next to the input. Needs only numpy
-and the LiteRT interpreter (`pip install ai-edge-litert`, in a scratch virtual environment: it is not a
-dependency of the project). tests/data/facemesh_reference.npz was made this way from the FaceMesh crop
-(edge.blink.FaceMesh.crop) of the face in samples/photos/obama.jpg.
+REFERENCE.npz holds `input`, one uint8 NHWC image; the model is run on it as float32 / 255 (the input range of
+MediaPipe's landmark models) and every output is written back into the file under its tensor name, next to the
+input. Needs only numpy and the LiteRT interpreter (`pip install ai-edge-litert`, in a scratch virtual
+environment: it is not a dependency of the project). tests/data/facemesh_reference.npz and iris_reference.npz
+were made this way from the FaceMesh crop (edge.blink.crop) of the face in samples/photos/obama.jpg and the iris
+crop of its eye on the image's left.
 """
 from __future__ import annotations
 
