@@ -247,7 +247,9 @@ def pad_report(per_type: dict[str, list], tracks: list[dict], config: Config) ->
         kind: {"clips": len(clips), "with_face": sum(c["tracks"] > 0 for c in clips),
                "accepted": sum(c["accepted"] for c in clips),
                "apcer_percent": rate(sum(c["accepted"] for c in clips), sum(c["tracks"] > 0 for c in clips)),
-               "max_parallax": max((c["max_parallax"] for c in clips), default=0.0)}
+               "max_parallax": max((c["max_parallax"] for c in clips), default=0.0),
+               "min_openness_ratio": min((c["min_openness_ratio"] for c in clips
+                                          if c["min_openness_ratio"] is not None), default=None)}
         for kind, clips in per_type.items()
     }
     eligible = [t for t in tracks if t["eligible"]]
@@ -274,10 +276,14 @@ def cmd_eval_pad(args, config: Config) -> int:
         raise InputError("eval-pad needs --genuine and/or --attacks")
     started = time.perf_counter()
     report = evaluate_pad(config, args.genuine or [], args.attacks)
+    s = config.liveness
     for kind, summary in report["attacks"].items():
+        cues = [f"highest parallax {summary['max_parallax']} (pass needs {s.min_parallax})"] * (s.mode != "blink")
+        if summary["min_openness_ratio"] is not None:
+            cues.append(f"deepest eye closing {summary['min_openness_ratio']} of the open level "
+                        f"(a blink needs < {s.blink_closed_ratio})")
         say(f"eval-pad: {kind}: APCER {summary['apcer_percent']} % ({summary['accepted']} of {summary['with_face']} "
-            f"clips with a face accepted; {summary['clips']} clips); highest parallax {summary['max_parallax']} "
-            f"(pass needs {config.liveness.min_parallax})")
+            f"clips with a face accepted; {summary['clips']} clips); {'; '.join(cues)}")
     g = report["genuine"]
     say(f"eval-pad: genuine: BPCER {g['bpcer_percent']} % over {g['eligible_tracks']} tracks with {g['eligible_rule']} "
         f"(all {g['tracks']} tracks: {g['bpcer_percent_all_tracks']} %), median time to pass {g['median_time_to_pass_s']} s, "

@@ -263,6 +263,27 @@ def test_a_still_photo_never_passes_on_blinks(eyes_and_faces, models_dir):
     assert np.ptp(openness) < 0.2 * np.median(openness)  # steady on a still face, far from a blink's dip
 
 
+def test_eval_pad_reports_the_deepest_eye_closing():
+    """Per track the deepest openness ratio and the blinks held; per attack type the deepest over its clips."""
+    from edge.config import Config
+    from edge.pad import TrackRecord, pad_report
+
+    record = TrackRecord(0.0)
+    for t_s, (state, blinks, ratio) in enumerate([(PENDING, 0, 1.0), (PENDING, 0, 0.7), (PASS, 1, 0.95)]):
+        record.times_s.append(float(t_s))
+        record.widths_px.append(100.0)
+        record.states.append(state)
+        record.openness_ratios.append(ratio)
+        record.blinks = max(record.blinks, blinks)
+    summary = record.summary(1)
+    assert summary["blinks"] == 1 and summary["min_openness_ratio"] == 0.7 and summary["time_to_pass_s"] == 2.0
+    clips = [{"clip": name, "frames": 75, "tracks": 1, "accepted": False, "max_parallax": 0.0, "blinks": 0,
+              "min_openness_ratio": ratio} for name, ratio in (("a", 0.9), ("b", 0.76), ("c", None))]
+    report = pad_report({"print": clips}, [], Config(liveness=LivenessConfig(mode="blink")))
+    assert report["attacks"]["print"]["min_openness_ratio"] == 0.76
+    assert TrackRecord(0.0).min_openness_ratio() is None  # blink cue off
+
+
 # ---- end to end: the real loop -----------------------------------------------------------------------------------
 
 
