@@ -11,7 +11,7 @@ median over the points divided by the face width (`parallax`), taken over keyfra
 (`motion`, median point displacement / face width). A face that did not move yet is `pending`, one that moved
 with planar residuals only is `fail`, one with depth residuals is `pass`.
 
-The second cue, blink (edge/blink.py), looks for an eye blink in FaceMesh's eye landmarks; it passes or stays
+The second cue, blink (edge/blink.py), looks for an eye blink in MediaPipe's eye landmarks; it passes or stays
 pending, never fails. `mode` picks parallax, blink, `any` (either passing is enough; a parallax fail stands until
 a blink passes) or `all` (both must pass; a parallax fail fails). One `Liveness` per camera keeps a small state
 per track id (the decider's), fed by `observe` every frame.
@@ -52,9 +52,9 @@ class LivenessVerdict:
     motion: float = 0.0
     points: int = 0
     evidence_s: float = 0.0
-    blinks: int | None = None  # the blink cue's, when it is on: blinks in its window, this frame's eye openness
-    openness: float | None = None  # and that openness as a fraction of the open-eye baseline
-    openness_ratio: float | None = None
+    blinks: int | None = None  # the blink cue's (None while it is off): blinks in its window,
+    openness: float | None = None  # this frame's eye openness,
+    openness_ratio: float | None = None  # and that openness as a fraction of the track's open-eye level
 
     def evidence(self) -> dict:
         evidence = {"parallax": round(self.parallax, 4), "motion": round(self.motion, 4), "points": self.points,
@@ -174,7 +174,7 @@ def combine(mode: str, parallax: LivenessVerdict | None, blink) -> LivenessVerdi
 
 class Liveness:
     """Per-track liveness; `observe(track, frame, face)` every frame → the track's verdict now. The blink cue
-    needs FaceMesh from `models_dir` (default: the configured models folder)."""
+    needs the MediaPipe eye models from `models_dir` (default: $EDGE_MODELS_DIR or ./models)."""
 
     def __init__(self, settings: LivenessConfig, *, models_dir: Path | None = None) -> None:
         self.settings = settings
