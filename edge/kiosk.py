@@ -141,7 +141,7 @@ class Kiosk:
         if any(m is not None and m.person in self.config.enroll.admins for m in shown):
             self._admin_seen_s = frame.t_s
         events = self._enrolment(frame, faces)
-        live = None if self.liveness is None else (lambda track_id, i: self._liveness(tracks[i], frame, found[i]))
+        live = None if self.liveness is None else (lambda track_id, i: self._liveness(tracks[i], frame, faces[i].face))
         for decision in self.decider.decide(tracks, matches, frame.index, frame.t_s, liveness=live):
             events.append(self._act(decision, frame, faces))
         if self.liveness is not None:
@@ -167,8 +167,13 @@ class Kiosk:
 
     def _liveness(self, track, frame: Frame, face):
         """The track's liveness verdict with this frame; an unlocked track keeps its verdict (nothing is left to
-        decide on it)."""
-        return track.liveness if track.unlocked else self.liveness.observe(track.id, frame, face)
+        decide on it). The blink cue needs the face's landmarks every frame: predicted here for a face not embedded
+        this frame (a track settled as unknown is embedded only now and then)."""
+        if track.unlocked:
+            return track.liveness
+        if face.landmarks is None and self.liveness.blink is not None:
+            face = self.pipeline.add_landmarks(frame.image, [face])[0]
+        return self.liveness.observe(track.id, frame, face)
 
     def _fused_matches(self, tracks: list, embedded: dict[int, EmbeddedFace], frame_index: int) -> list[Match | None]:
         """Each embedded face joins its track's fused embedding (weighted by its quality); the 1:N match is taken on

@@ -246,6 +246,25 @@ def test_a_tilted_head_gives_the_same_openness(eyes_and_faces):
     assert logit > 10 and tilted == pytest.approx(upright, rel=0.1)
 
 
+def test_the_door_loop_measures_openness_on_every_frame_of_an_unknown_face(eyes_and_faces, models_dir, tmp_path):
+    """The loop embeds a track settled as unknown only every few frames; the blink cue still sees every frame."""
+    from edge.config import Config
+    from edge.door import SimulatedDoor
+    from edge.kiosk import Kiosk
+    from edge.store import Store
+
+    _, pipeline, image, _ = eyes_and_faces
+    config = Config(models_dir=models_dir, liveness=LivenessConfig(mode="blink"))
+    store = Store.open(tmp_path / "empty.edgestore", fingerprint=pipeline.embedder.fingerprint)
+    kiosk = Kiosk(config=config, pipeline=pipeline, store=store, door=SimulatedDoor(pulse_s=0.1))
+    seen = []
+    kiosk.liveness.on_verdict = lambda track, frame, face, verdict: seen.append(verdict.openness)
+    frames = config.decide.window_frames + 3 * config.decide.unknown_refresh_frames
+    for i in range(frames):
+        kiosk.step(Frame(image, i, i / FPS))
+    assert len(seen) == frames and min(seen) > 0.1
+
+
 def test_a_still_photo_never_passes_on_blinks(eyes_and_faces, models_dir):
     """Three seconds of the same photo, shifted a pixel or two per frame: open eyes, no blink, pending."""
     _, _, image, face = eyes_and_faces
