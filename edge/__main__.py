@@ -116,7 +116,7 @@ def cmd_bench(args, config: Config) -> int:
     if args.what == "store":
         import tempfile
 
-        from edge.store import bench_store
+        from edge.bench_store import bench_store
 
         with tempfile.TemporaryDirectory() as tmp:
             report = bench_store(args.size, rows_per_person=args.rows, tmp_dir=Path(tmp))

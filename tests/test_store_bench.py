@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.store import EMBEDDING_DIM, MIB, bench_store
+from edge.bench_store import MIB, bench_store
+from edge.store import EMBEDDING_DIM
 
 SIZE = 2000
 QUERIES = 20

@@ -34,9 +34,6 @@ MODULES = {
     "fuse": ["test_fuse.py", "test_decide.py", "test_promises_decide.py"],
     "liveness": ["test_liveness.py", "test_kiosk.py"],
 }
-# Benchmark code living in a safety module (`python -m edge bench store`): its mutants are counted apart, not in the
-# kill rate, since it measures and reports timings rather than keeping a promise of the door.
-BENCHMARK_FUNCTIONS = {"store": {"bench_store", "_random_unit", "_rss_mib"}}
 # Left out of mutation runs (`make test` runs them): tests that reach the code only through a child process (mutmut's
 # map of which test calls which function cannot see into children, so they would never be chosen for a mutant, only
 # slow down its first run), and tests too slow to repeat for every mutant whose promises faster tests pin as well:
@@ -54,7 +51,9 @@ DESELECT = [
 ]
 # What the copied project needs besides edge/ and tests/ (models come through EDGE_MODELS_DIR).
 LINKED = ["edge", "tests", "engines", "samples"]
-CAUGHT = {1, 3, 24, -24, 36, 152, 255}  # mutmut exit codes: a test failed, pytest error, or out of time
+KILLED = {1, 3}  # mutmut exit codes: a test failed or pytest errored
+TIMEOUT = {24, -24, 36, 152, 255}  # the tests ran out of time (an endless loop counts as caught)
+CAUGHT = KILLED | TIMEOUT
 NOT_RUN = {33: "no test reaches it", 34: "skipped", None: "not checked"}
 
 
@@ -93,24 +92,17 @@ def run_campaign(work: Path, module: str, max_children: int) -> None:
     subprocess.run(command, cwd=work, env=env, check=True)
 
 
-def function_of(mutant: str) -> str:
-    """edge.store.x_bench_store__mutmut_3 → bench_store; edge.kiosk.xǁKioskǁrun__mutmut_1 → Kiosk.run"""
-    mangled = mutant.rpartition(".")[2].partition("__mutmut_")[0]
-    return mangled[2:] if mangled.startswith("x_") else ".".join(mangled.split("ǁ")[1:])
-
-
 def results(work: Path, module: str, commit: str) -> dict:
     """Caught/survived counts of one module from mutmut's meta file, with the survivors' names and diffs."""
     meta = json.loads((work / "mutants" / "edge" / f"{module}.py.meta").read_text())
-    benchmark = BENCHMARK_FUNCTIONS.get(module, set())
-    codes = {name: code for name, code in meta["exit_code_by_key"].items() if function_of(name) not in benchmark}
+    codes = meta["exit_code_by_key"]
     caught = sum(code in CAUGHT for code in codes.values())
+    timeout = sum(code in TIMEOUT for code in codes.values())
     survivors = sorted(name for name, code in codes.items() if code not in CAUGHT)
     checked = sum(code not in (34, None) for code in codes.values())
     return {
-        "commit": commit, "mutants": len(codes), "caught": caught, "survived": len(survivors),
+        "commit": commit, "mutants": len(codes), "caught": caught, "timeout": timeout, "survived": len(survivors),
         "kill_rate": round(caught / checked, 4) if checked else None,
-        "benchmark_mutants_not_counted": len(meta["exit_code_by_key"]) - len(codes),
         "survivors": {name: {"status": NOT_RUN.get(codes[name], "survived"), "diff": diff}
                       for name, diff in diffs(work, module, survivors).items()},
     }
@@ -158,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         run_campaign(work, module, args.max_children)
         summary[module] = results(work, module, commit.stdout.strip() + (" (uncommitted changes)" if dirty() else ""))
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\n{'module':<10}{'mutants':>9}{'caught':>8}{'survived':>10}{'kill rate':>11}")
+    print(f"\n{'module':<10}{'mutants':>9}{'caught':>8}{'timeout':>9}{'survived':>10}{'kill rate':>11}")
     for module, row in summary.items():
         rate = "-" if row["kill_rate"] is None else f"{row['kill_rate']:.1%}"
-        print(f"{module:<10}{row['mutants']:>9}{row['caught']:>8}{row['survived']:>10}{rate:>11}")
+        print(f"{module:<10}{row['mutants']:>9}{row['caught']:>8}{row.get('timeout', '-'):>9}{row['survived']:>10}"
+              f"{rate:>11}")
     print(f"survivors and their diffs: {summary_path}")
     return 0
 
