@@ -1,0 +1,120 @@
+"""The liveness rule as the README states it, at its boundaries: pending until `min_pairs` keyframe steps in which the
+face moved between `min_motion` and `max_motion` (both included), then pass when their median parallax is at least
+`min_parallax`; the evidence reported with the verdict; the crop the points are followed in."""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.config import LivenessConfig
+from edge.liveness import (FAIL, MIN_PAIRED_POINTS, PASS, PENDING, RANSAC_FACE_FRACTION, Keyframe, Liveness,
+                           LivenessVerdict, TrackState, crop_geometry, crop_matrix, grey_crop, planar_residual)
+
+SETTINGS = LivenessConfig(min_pairs=3, min_motion=0.02, max_motion=0.55, min_parallax=0.006, keyframe_s=0.2)
+IMAGE = np.zeros((4, 4), np.uint8)
+
+
+def judged(steps: list[tuple[float, float | None]], *, t_s: float = 5.0, points: int = 7) -> LivenessVerdict:
+    """The verdict on keyframes 0.2 s apart from t = 1 s, each (motion, parallax residual) since the previous one."""
+    keyframes = [Keyframe(1.0 + 0.2 * i, np.zeros(0, np.int64), np.zeros((0, 2), np.float32), IMAGE, (), residual,
+                          motion) for i, (motion, residual) in enumerate(steps)]
+    state = TrackState(IMAGE, (0.0, 0.0, 1.0, 1.0), ids=np.arange(points), keyframes=keyframes)
+    return Liveness(SETTINGS)._judge(state, t_s)
+
+
+def test_pending_until_min_pairs_moving_steps():
+    assert judged([(0.1, 0.01)] * 2) == LivenessVerdict(PENDING, points=7)
+    assert judged([(0.1, 0.01)] * 3).state == PASS
+
+
+@pytest.mark.parametrize(("motion", "counts"), [(0.02, True), (math.nextafter(0.02, 0), False), (0.55, True),
+                                                (math.nextafter(0.55, 1), False)])
+def test_a_step_counts_when_the_face_moved_between_min_and_max_motion_inclusive(motion, counts):
+    verdict = judged([(0.1, 0.01), (0.1, 0.01), (motion, 0.01)])
+    assert verdict.state == (PASS if counts else PENDING)
+
+
+def test_a_step_without_a_fitted_homography_does_not_count():
+    assert judged([(0.1, 0.01), (0.1, 0.01), (0.1, None)]).state == PENDING
+
+
+@pytest.mark.parametrize(("parallax", "state"), [(0.006, PASS), (math.nextafter(0.006, 0), FAIL)])
+def test_pass_needs_a_median_parallax_of_at_least_min_parallax(parallax, state):
+    assert judged([(0.1, 0.0), (0.1, parallax), (0.1, 1.0)]).state == state
+
+
+def test_the_verdict_carries_the_median_evidence_of_the_moving_steps():
+    verdict = judged([(0.5, 0.001), (0.01, 0.5), (0.03, 0.002), (0.04, 0.9)], t_s=2.0, points=9)
+    # the second step did not move enough: steps 1, 3 and 4 (from t = 1.0 s) count
+    assert verdict == LivenessVerdict(FAIL, parallax=0.002, motion=0.04, points=9,
+                                      evidence_s=pytest.approx(2.0 - 1.0 + 0.2))
+
+
+def test_evidence_is_reported_rounded():
+    verdict = LivenessVerdict(PASS, parallax=0.0123456, motion=0.0654321, points=41, evidence_s=1.23456)
+    assert verdict.evidence() == {"parallax": 0.0123, "motion": 0.0654, "points": 41, "evidence_s": 1.23}
+
+
+def test_the_crop_covers_both_boxes_with_a_quarter_face_margin_and_scales_the_face_to_work_px():
+    assert crop_geometry((100.0, 100.0, 200.0, 200.0), (110.0, 90.0, 210.0, 190.0), (480, 640, 3), 50) == (
+        75, 65, 235, 225, 0.5)
+    assert crop_geometry((10.0, 5.0, 110.0, 105.0), (10.0, 5.0, 110.0, 105.0), (100, 100, 3), 400) == (
+        0, 0, 100, 100, 1.0), "clipped to the image, never enlarged"
+
+
+def test_crop_matrix_maps_frame_pixels_into_the_scaled_crop():
+    matrix = crop_matrix((75, 65, 235, 225, 0.5))
+    assert matrix @ np.array([75.0, 65.0, 1.0]) == pytest.approx([0.0, 0.0, 1.0])
+    assert matrix @ np.array([175.0, 165.0, 1.0]) == pytest.approx([50.0, 50.0, 1.0])
+
+
+def test_grey_crop_is_the_grey_cut_scaled_down():
+    image = np.random.default_rng(2).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    cut = grey_crop(image, (10, 20, 50, 60, 1.0))
+    assert cut.shape == (40, 40)
+    assert np.array_equal(cut, grey_crop(grey_crop(image, (0, 0, 80, 60, 1.0)), (10, 20, 50, 60, 1.0)))
+    assert grey_crop(image, (10, 20, 50, 60, 0.5)).shape == (20, 20)
+
+
+# ---- the planar fit between two keyframes ------------------------------------------------------------------------
+
+SHIFT_PX = np.array([3.0, 2.0], np.float32)  # a picture moved between two keyframes
+BOX = (100.0, 100.0, 300.0, 300.0)
+WORK_PX = 120
+RANSAC_PX = RANSAC_FACE_FRACTION * (BOX[2] - BOX[0])
+
+
+def picture_keyframes(points: int, outliers: int = 0) -> tuple[Keyframe, Keyframe, np.ndarray, np.ndarray]:
+    """Two keyframes of a flat textured picture moved by SHIFT_PX (the face box follows it and grows a little, so
+    the two crops differ in place and size), with `points` tracked corners and `outliers` of them mis-tracked."""
+    frame = cv2.GaussianBlur(np.random.default_rng(3).integers(0, 256, (400, 400)).astype(np.uint8), (0, 0), 2.0)
+    moved = cv2.warpAffine(frame, np.float32([[1, 0, SHIFT_PX[0]], [0, 1, SHIFT_PX[1]]]), (400, 400))
+    moved_box = (BOX[0] + SHIFT_PX[0], BOX[1] + SHIFT_PX[1], BOX[2] + 2 * SHIFT_PX[0], BOX[3] + 2 * SHIFT_PX[1])
+    before_geometry = crop_geometry(BOX, BOX, frame.shape, WORK_PX)
+    now_geometry = crop_geometry(moved_box, moved_box, frame.shape, WORK_PX)
+    corners = cv2.goodFeaturesToTrack(frame[130:270, 130:270], points, 0.01, 10).reshape(-1, 2) + 130
+    assert len(corners) == points
+    source = corners.astype(np.float32)
+    target = source + SHIFT_PX
+    target[:outliers] += np.float32([12.0, -12.0])
+    ids = np.arange(points)
+    before = Keyframe(0.0, ids, source, grey_crop(frame, before_geometry), before_geometry)
+    now = Keyframe(0.2, ids, target, grey_crop(moved, now_geometry), now_geometry)
+    return before, now, source, target
+
+
+def test_a_moved_picture_leaves_no_residual_from_min_paired_points_on():
+    before, now, source, target = picture_keyframes(MIN_PAIRED_POINTS)
+    assert now.grey.shape != before.grey.shape
+    residual = planar_residual(before, now, source, target, RANSAC_PX)
+    assert residual is not None and residual < 0.2
+    assert planar_residual(before, now, source[1:], target[1:], RANSAC_PX) is None
+
+
+def test_mis_tracked_points_do_not_bend_the_plane():
+    """RANSAC: a few points that lost their corner must not turn a picture's fit into fake depth."""
+    before, now, source, target = picture_keyframes(30, outliers=8)
+    assert planar_residual(before, now, source, target, RANSAC_PX) < 0.2
