@@ -59,7 +59,7 @@ def test_a_template_counts_only_frames_of_positive_weight():
 
 def face_of(width_px: float, landmarks: np.ndarray | None) -> EmbeddedFace:
     chip = np.random.default_rng(1).integers(0, 256, (150, 150, 3), dtype=np.uint8)
-    return EmbeddedFace(Face((10.0, 20.0, 10.0 + width_px, 20.0 + width_px), 0.9, landmarks), chip, A)
+    return EmbeddedFace(Face((10.0, 20.0, 10.0 + width_px, 20.0 + 2 * width_px), 0.9, landmarks), chip, A)  # tall box
 
 
 def test_face_weight_reads_the_box_width_the_chip_sharpness_and_the_landmark_yaw():
