@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from edge.config import LivenessConfig
-from edge.liveness import (FAIL, MIN_PAIRED_POINTS, PASS, PENDING, RANSAC_FACE_FRACTION, Keyframe, Liveness,
-                           LivenessVerdict, TrackState, crop_geometry, crop_matrix, grey_crop, planar_residual)
+from edge.liveness import (FAIL, INNER, LK_WINDOW_PX, MIN_PAIRED_POINTS, PASS, PENDING, RANSAC_FACE_FRACTION,
+                           Keyframe, Liveness, LivenessVerdict, TrackState, crop_geometry, crop_matrix, grey_crop,
+                           planar_residual)
+from edge.types import Face, Frame
 
 SETTINGS = LivenessConfig(min_pairs=3, min_motion=0.02, max_motion=0.55, min_parallax=0.006, keyframe_s=0.2)
 IMAGE = np.zeros((4, 4), np.uint8)
@@ -118,3 +120,42 @@ def test_mis_tracked_points_do_not_bend_the_plane():
     """RANSAC: a few points that lost their corner must not turn a picture's fit into fake depth."""
     before, now, source, target = picture_keyframes(30, outliers=8)
     assert planar_residual(before, now, source, target, RANSAC_PX) < 0.2
+
+
+# ---- which points are followed -----------------------------------------------------------------------------------
+
+WIDE_BOX = (100.0, 120.0, 300.0, 280.0)  # 200 x 160: width and height differ
+SCENE = cv2.cvtColor(cv2.GaussianBlur(np.random.default_rng(4).integers(0, 256, (400, 400)).astype(np.uint8), (0, 0),
+                                      2.0), cv2.COLOR_GRAY2BGR)  # texture everywhere: background corners too
+
+
+def test_new_points_are_taken_inside_the_face_box_shrunk_by_inner():
+    live = Liveness(LivenessConfig())
+    live.observe(1, Frame(SCENE, 0, 0.0), Face(WIDE_BOX, 0.9))
+    points = live.tracks[1].points
+    width, height = WIDE_BOX[2] - WIDE_BOX[0], WIDE_BOX[3] - WIDE_BOX[1]
+    left, right = WIDE_BOX[0] + INNER * width, WIDE_BOX[2] - INNER * width
+    top, bottom = WIDE_BOX[1] + INNER * height, WIDE_BOX[3] - INNER * height
+    crop_px = 1 / crop_geometry(WIDE_BOX, WIDE_BOX, SCENE.shape, LivenessConfig().work_px)[4]  # rounding to crop pixels
+    assert len(points) == LivenessConfig().max_points
+    assert points[:, 0].min() >= left - crop_px and points[:, 0].max() <= right + crop_px
+    assert points[:, 1].min() >= top - crop_px and points[:, 1].max() <= bottom + crop_px
+    near = 0.1 * width  # and they fill that box: some lie near each of its sides
+    assert points[:, 0].min() < left + near and points[:, 0].max() > right - near
+    assert points[:, 1].min() < top + near and points[:, 1].max() > bottom - near
+
+
+def test_points_whose_patch_changed_are_dropped_and_the_rest_follow_the_face():
+    live = Liveness(LivenessConfig())
+    live.observe(1, Frame(SCENE, 0, 0.0), Face(WIDE_BOX, 0.9))
+    first = dict(zip(live.tracks[1].ids.tolist(), live.tracks[1].points))
+    moved = np.roll(SCENE, (1, 2), axis=(0, 1))  # the face moved 2 px right and 1 px down ...
+    middle = int((WIDE_BOX[0] + WIDE_BOX[2]) / 2)
+    moved[:, middle:] = np.roll(SCENE, (150, 150), axis=(0, 1))[:, middle:]  # ... and its right half is something else
+    live.observe(1, Frame(moved, 1, 0.04), Face(WIDE_BOX, 0.9))
+    kept = {i: p for i, p in zip(live.tracks[1].ids.tolist(), live.tracks[1].points) if i in first}
+    scale = crop_geometry(WIDE_BOX, WIDE_BOX, SCENE.shape, LivenessConfig().work_px)[4]
+    straddling = LK_WINDOW_PX / 2 / scale  # a point this close to the change still has half its patch unchanged
+    assert len(kept) >= 10
+    assert max(first[i][0] for i in kept) < middle + straddling, "a point on the changed half was kept"
+    assert np.median([p - first[i] for i, p in kept.items()], axis=0) == pytest.approx([2.0, 1.0], abs=0.05)
