@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ from test_store import FINGERPRINT, enrol, nudged, open_store, path, rng, unit  
 
 from edge.errors import StoreError
 from edge.store import (
-    CHECKSUM_BYTES, EMBEDDING_DIM, FLAG_ENCRYPTED, FORMAT_VERSION, GCM_TAG_BYTES, HEADER, MAGIC, META_LENGTH, NONCE_BYTES, Store,
-    generate_key,
+    CHECKSUM_BYTES, EMBEDDING_DIM, FLAG_ENCRYPTED, FORMAT_VERSION, GCM_TAG_BYTES, HEADER, MAGIC, META_LENGTH, NONCE_BYTES,
+    Row, Store, generate_key,
 )
 
 # ---- match boundaries -------------------------------------------------------------------------------------------
@@ -265,3 +266,40 @@ def test_the_matrix_starts_16_byte_aligned_in_the_file(path, rng, names):
     matrix_start = HEADER.size + META_LENGTH.size + meta_bytes
     assert matrix_start % 16 == 0
     assert len(data) - CHECKSUM_BYTES - matrix_start == len(names) * EMBEDDING_DIM * 4
+
+
+# ---- rows: each keeps its own origin --------------------------------------------------------------------------
+
+
+class Clock(datetime):
+    """The store's clock, set by hand: every row added gets `Clock.at`."""
+
+    at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    @classmethod
+    def now(cls, tz=None):
+        return cls.at
+
+
+def test_each_row_keeps_its_own_source_and_date_and_forgetting_one_returns_it(path, rng, monkeypatch):
+    monkeypatch.setattr("edge.store.datetime", Clock)
+    store = open_store(path)
+    dates = [f"2026-01-0{day}T00:00:00+00:00" for day in (1, 2, 3, 4)]
+    with store.edit():
+        store.add_person("Grace", unit(rng))
+        Clock.at = datetime.fromisoformat(dates[1])
+        store.add_person("Ada", unit(rng), sources="photo a.jpg")
+        Clock.at = datetime.fromisoformat(dates[2])
+        store.add_embeddings("Ada", unit(rng))  # no source given: an enrolment
+        Clock.at = datetime.fromisoformat(dates[3])
+        store.add_embeddings("Ada", unit(rng), sources="door camera")
+    reopened = open_store(path)
+    assert [(r.index, r.source, r.added_utc) for r in reopened.rows("Ada")] == [
+        (0, "photo a.jpg", dates[1]), (1, "enrolment", dates[2]), (2, "door camera", dates[3])]
+    with reopened.edit():
+        assert reopened.forget_row("Ada", 2) == Row(2, "door camera", dates[3])
+    with pytest.raises(StoreError, match=r"rows 0 to 1, not 2: see `python -m edge people show`"), reopened.edit():
+        reopened.forget_row("Ada", 2)
+    with pytest.raises(StoreError, match=r"remove the person instead \(`python -m edge people remove`\)"), \
+            reopened.edit():
+        reopened.forget_row("Grace", 0)
