@@ -18,9 +18,10 @@ from test_store import FINGERPRINT, enrol, nudged, open_store, path, rng, unit  
 
 from edge.errors import StoreError
 from edge.store import (
-    CHECKSUM_BYTES, EMBEDDING_DIM, FLAG_ENCRYPTED, FORMAT_VERSION, GCM_TAG_BYTES, HEADER, MAGIC, META_LENGTH, NONCE_BYTES,
-    Row, Store, generate_key,
+    ABSENT_DISTANCE_L2, CHECKSUM_BYTES, EMBEDDING_DIM, FLAG_ENCRYPTED, FORMAT_VERSION, GCM_TAG_BYTES, HEADER, MAGIC,
+    META_LENGTH, NONCE_BYTES, Row, Store, generate_key,
 )
+from edge.types import Match
 
 # ---- match boundaries -------------------------------------------------------------------------------------------
 
@@ -303,3 +304,13 @@ def test_each_row_keeps_its_own_source_and_date_and_forgetting_one_returns_it(pa
     with pytest.raises(StoreError, match=r"remove the person instead \(`python -m edge people remove`\)"), \
             reopened.edit():
         reopened.forget_row("Grace", 0)
+
+
+def test_an_empty_store_answers_absent_with_margin_0_and_one_person_is_measured_to_absent(path, rng):
+    store = open_store(path)
+    queries = unit(rng, 2)
+    assert store.match(queries, threshold_l2=2.0, margin_l2=0.0) == [
+        Match(person=None, distance_l2=ABSENT_DISTANCE_L2, margin_l2=0.0)] * 2
+    store = enrol(path, {"Ada": queries[0]})
+    (alone,) = store.match(queries[1], threshold_l2=2.0, margin_l2=0.0)
+    assert alone.person == "Ada" and alone.margin_l2 == pytest.approx(ABSENT_DISTANCE_L2 - alone.distance_l2)
