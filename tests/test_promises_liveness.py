@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from edge.config import LivenessConfig
-from edge.liveness import (FAIL, INNER, LK_WINDOW_PX, MIN_PAIRED_POINTS, PASS, PENDING, RANSAC_FACE_FRACTION,
-                           Keyframe, Liveness, LivenessVerdict, TrackState, crop_geometry, crop_matrix, grey_crop,
-                           planar_residual)
+from edge.liveness import (CORNER_MIN_DISTANCE_PX, FAIL, INNER, LK_WINDOW_PX, MIN_PAIRED_POINTS, PASS, PENDING,
+                           RANSAC_FACE_FRACTION, Keyframe, Liveness, LivenessVerdict, TrackState, crop_geometry,
+                           crop_matrix, grey_crop, planar_residual)
 from edge.types import Face, Frame
 
 SETTINGS = LivenessConfig(min_pairs=3, min_motion=0.02, max_motion=0.55, min_parallax=0.006, keyframe_s=0.2)
@@ -124,9 +124,10 @@ def test_mis_tracked_points_do_not_bend_the_plane():
 
 # ---- which points are followed -----------------------------------------------------------------------------------
 
-WIDE_BOX = (100.0, 120.0, 300.0, 280.0)  # 200 x 160: width and height differ
+WIDE_BOX = (100.0, 150.0, 300.0, 310.0)  # 200 x 160: width and height differ, so do left and top
 SCENE = cv2.cvtColor(cv2.GaussianBlur(np.random.default_rng(4).integers(0, 256, (400, 400)).astype(np.uint8), (0, 0),
                                       2.0), cv2.COLOR_GRAY2BGR)  # texture everywhere: background corners too
+COVER = np.full_like(SCENE, 128)  # something held in front of the face: no texture to follow
 
 
 def test_new_points_are_taken_inside_the_face_box_shrunk_by_inner():
@@ -145,17 +146,32 @@ def test_new_points_are_taken_inside_the_face_box_shrunk_by_inner():
     assert points[:, 1].min() < top + near and points[:, 1].max() > bottom - near
 
 
-def test_points_whose_patch_changed_are_dropped_and_the_rest_follow_the_face():
+def test_points_whose_patch_got_covered_are_dropped_and_the_rest_follow_the_face():
     live = Liveness(LivenessConfig())
     live.observe(1, Frame(SCENE, 0, 0.0), Face(WIDE_BOX, 0.9))
     first = dict(zip(live.tracks[1].ids.tolist(), live.tracks[1].points))
     moved = np.roll(SCENE, (1, 2), axis=(0, 1))  # the face moved 2 px right and 1 px down ...
     middle = int((WIDE_BOX[0] + WIDE_BOX[2]) / 2)
-    moved[:, middle:] = np.roll(SCENE, (150, 150), axis=(0, 1))[:, middle:]  # ... and its right half is something else
+    moved[:, middle:] = COVER[:, middle:]  # ... and its right half got covered
     live.observe(1, Frame(moved, 1, 0.04), Face(WIDE_BOX, 0.9))
     kept = {i: p for i, p in zip(live.tracks[1].ids.tolist(), live.tracks[1].points) if i in first}
     scale = crop_geometry(WIDE_BOX, WIDE_BOX, SCENE.shape, LivenessConfig().work_px)[4]
-    straddling = LK_WINDOW_PX / 2 / scale  # a point this close to the change still has half its patch unchanged
+    straddling = LK_WINDOW_PX / 2 / scale  # a point this close to the cover still has half its patch visible
     assert len(kept) >= 10
-    assert max(first[i][0] for i in kept) < middle + straddling, "a point on the changed half was kept"
+    assert max(first[i][0] for i in kept) < middle + straddling, "a point on the covered half was kept"
     assert np.median([p - first[i] for i, p in kept.items()], axis=0) == pytest.approx([2.0, 1.0], abs=0.05)
+
+
+def test_when_half_the_points_are_lost_new_ones_fill_up_to_max_points_away_from_those_followed():
+    live = Liveness(LivenessConfig())
+    live.observe(1, Frame(SCENE, 0, 0.0), Face(WIDE_BOX, 0.9))
+    moved = np.roll(SCENE, (1, 2), axis=(0, 1))
+    cut = int(WIDE_BOX[0] + 0.4 * (WIDE_BOX[2] - WIDE_BOX[0]))
+    moved[:, cut:] = COVER[:, cut:]  # 60 % of the face got covered
+    live.observe(1, Frame(moved, 1, 0.04), Face(WIDE_BOX, 0.9))
+    state, settings = live.tracks[1], LivenessConfig()
+    followed = state.ids < settings.max_points
+    assert 0 < followed.sum() < settings.max_points // 2 and len(state.ids) == settings.max_points
+    scale = crop_geometry(WIDE_BOX, WIDE_BOX, SCENE.shape, settings.work_px)[4]
+    gaps = np.linalg.norm(state.points[~followed, None] - state.points[None, followed], axis=2) * scale
+    assert gaps.min() >= CORNER_MIN_DISTANCE_PX - 1, "a new corner on top of a followed point"
