@@ -181,6 +181,8 @@ def sealed(payload: bytes) -> bytes:
 ONE_ROW = np.ones((1, EMBEDDING_DIM), "<f4").tobytes()
 COLUMNS = {"ids": ["0123456789ab"], "names": ["Ada"], "created_utc": ["2026-01-01T00:00:00+00:00"], "notes": [None],
            "counts": [1]}
+ROWS = {"row_sources": {"values": ["enrolment"], "index": [0]},
+        "row_added_utc": {"values": ["2026-01-01"], "index": [0]}}
 
 
 @pytest.mark.parametrize(("data", "reason"), [
@@ -199,8 +201,15 @@ COLUMNS = {"ids": ["0123456789ab"], "names": ["Ada"], "created_utc": ["2026-01-0
     (sealed(META_LENGTH.pack(100) + b"{}"), "metadata runs past the end of the file"),
     (sealed(META_LENGTH.pack(0)), "unreadable metadata: Expecting value: line 1 column 1 (char 0)"),
     (sealed(META_LENGTH.pack(2) + b"[]"), "metadata is not a JSON object"),
+    (b"EDGESTOR", "8 bytes, shorter than the 16-byte header"),
+    (HEADER.pack(MAGIC, FORMAT_VERSION, 0), f"{HEADER.size} bytes, too short for a store"),
+    (HEADER.pack(MAGIC, FORMAT_VERSION, 2) + b"\0" * 32, "unknown flags 0x2"),
+    (plain_store_bytes(COLUMNS, ONE_ROW), "row sources or dates are malformed"),
+    (plain_store_bytes({**COLUMNS, **ROWS, "row_added_utc": {"values": ["2026-01-01"], "index": [0, 0]}}, ONE_ROW),
+     "row sources and dates do not match the embeddings"),
 ], ids=["short", "not-a-store", "checksum", "no-counts", "ragged", "not-lists", "dim", "counts-text", "extra-rows",
-        "empty-person", "payload-short", "metadata-past-end", "no-metadata", "metadata-list"])
+        "empty-person", "payload-short", "metadata-past-end", "no-metadata", "metadata-list", "header-short",
+        "header-only", "flags", "no-row-columns", "row-columns-ragged"])
 def test_a_corrupt_file_is_refused_with_what_is_wrong(path, data, reason):
     path.write_bytes(data)
     with pytest.raises(StoreError) as refused:
@@ -314,3 +323,16 @@ def test_an_empty_store_answers_absent_with_margin_0_and_one_person_is_measured_
     store = enrol(path, {"Ada": queries[0]})
     (alone,) = store.match(queries[1], threshold_l2=2.0, margin_l2=0.0)
     assert alone.person == "Ada" and alone.margin_l2 == pytest.approx(ABSENT_DISTANCE_L2 - alone.distance_l2)
+
+
+def test_a_newer_format_or_another_model_is_refused_with_what_to_do(path, rng):
+    path.write_bytes(HEADER.pack(MAGIC, 9, 0) + b"\0" * 32)
+    with pytest.raises(StoreError) as refused:
+        Store.open(path, fingerprint=FINGERPRINT)
+    assert str(refused.value) == (f"store {path} has format version 9, this program reads versions 1, 2: use the edge "
+                                  "release that wrote it")
+    path.write_bytes(plain_store_bytes({**COLUMNS, **ROWS}, ONE_ROW))
+    assert open_store(path).embeddings("Ada").dtype == np.float32  # the file's float32 rows, as written
+    with pytest.raises(StoreError) as refused:
+        Store.open(path, fingerprint="ffff:prep-2")
+    assert str(refused.value).endswith(f"(mv {path} {path}.old) and run `python -m edge enroll --from-dir PHOTOS_DIR`")
