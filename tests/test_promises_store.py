@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -336,3 +337,34 @@ def test_a_newer_format_or_another_model_is_refused_with_what_to_do(path, rng):
     with pytest.raises(StoreError) as refused:
         Store.open(path, fingerprint="ffff:prep-2")
     assert str(refused.value).endswith(f"(mv {path} {path}.old) and run `python -m edge enroll --from-dir PHOTOS_DIR`")
+
+
+def test_a_failed_write_says_what_to_check_and_a_save_is_logged_as_one_line(path, rng, monkeypatch, caplog):
+    store = enrol(path, {"Ada": unit(rng, 2)})
+    caplog.set_level(logging.INFO, logger="edge.store")
+    with store.edit():
+        store.add_person("Grace", unit(rng))
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store_saved")]
+    fields = dict(pair.split("=", 1) for pair in line.split()[1:])
+    assert {k: v for k, v in fields.items() if k != "save_ms"} == {"path": str(path), "persons": "2", "rows": "3",
+                                                                   "encrypted": "False"}
+    assert 0.0 < float(fields["save_ms"]) < 60_000.0
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("edge.store._write_atomically", disk_full)
+    with pytest.raises(StoreError) as refused, store.edit():
+        store.add_person("Hedy", unit(rng))
+    assert str(refused.value) == (f"cannot write store {path}: No space left on device; check that its folder exists, "
+                                  "is writable by this user and has free space")
+
+
+def test_an_encrypted_store_keeps_its_previous_file_as_backup_on_every_save(path, tmp_path, rng):
+    key = generate_key(tmp_path / "store.key")
+    store = open_store(path, key_path=key)
+    for name in ("Ada", "Grace", "Hedy"):
+        with store.edit():
+            store.add_person(name, unit(rng))
+    backup = Store.open(store.backup_path, fingerprint=FINGERPRINT, key_path=key)
+    assert [p.name for p in backup.persons] == ["Ada", "Grace"]
