@@ -368,3 +368,27 @@ def test_an_encrypted_store_keeps_its_previous_file_as_backup_on_every_save(path
             store.add_person(name, unit(rng))
     backup = Store.open(store.backup_path, fingerprint=FINGERPRINT, key_path=key)
     assert [p.name for p in backup.persons] == ["Ada", "Grace"]
+
+
+def test_the_new_file_is_written_in_the_store_folder(path, rng, monkeypatch):
+    """A rename is atomic only within one filesystem: the temp file lives next to the store."""
+    renamed_from = []
+    real_replace = os.replace
+
+    def replace(source, target) -> None:
+        renamed_from.append(Path(source).parent)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    enrol(path, {"Ada": unit(rng)})
+    assert renamed_from == [path.parent]
+
+
+def test_a_bad_note_or_row_source_is_refused_naming_the_field(path, rng):
+    store = open_store(path)
+    with pytest.raises(StoreError, match=r"^note must be 1 to \d+ characters, got 0"), store.edit():
+        store.add_person("Ada", unit(rng), note=" ")
+    with pytest.raises(StoreError, match=r"^row source must be 1 to \d+ characters, got 0"), store.edit():
+        store.add_person("Ada", unit(rng), sources=" ")
+    with pytest.raises(ValueError, match=r"^1 sources for 2 embeddings$"), store.edit():
+        store.add_person("Ada", unit(rng, 2), sources=["photo a.jpg"])
