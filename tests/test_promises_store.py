@@ -392,3 +392,20 @@ def test_a_bad_note_or_row_source_is_refused_naming_the_field(path, rng):
         store.add_person("Ada", unit(rng), sources=" ")
     with pytest.raises(ValueError, match=r"^1 sources for 2 embeddings$"), store.edit():
         store.add_person("Ada", unit(rng, 2), sources=["photo a.jpg"])
+
+
+def test_invalid_embeddings_and_a_taken_name_are_refused_saying_what_is_wrong(path, rng):
+    store = enrol(path, {"Ada": unit(rng)})
+    refusals = [(np.zeros((2, 64), np.float32), "embeddings must have shape (k, 128) with k >= 1, got (2, 64)"),
+                (np.full((1, EMBEDDING_DIM), np.nan, np.float32),
+                 "embeddings contain NaN or infinity: the embedder produced invalid output"),
+                (np.zeros((1, EMBEDDING_DIM), np.float32),
+                 "an embedding has length ~0 and no direction: the embedder produced invalid output")]
+    for embeddings, reason in refusals:
+        with pytest.raises(ValueError) as refused, store.edit():
+            store.add_person("Grace", embeddings)
+        assert str(refused.value) == reason
+    with pytest.raises(StoreError) as refused, store.edit():
+        store.add_person("ada", unit(rng))
+    assert str(refused.value) == (f"'Ada' is already enrolled in {path}: choose another name, or add the embeddings "
+                                  "to that person")
