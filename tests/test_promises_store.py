@@ -339,15 +339,19 @@ def test_a_newer_format_or_another_model_is_refused_with_what_to_do(path, rng):
     assert str(refused.value).endswith(f"(mv {path} {path}.old) and run `python -m edge enroll --from-dir PHOTOS_DIR`")
 
 
+TIMED_PERSONS = 2000  # so a logged duration of 0.0 ms would be wrong, not a fast machine
+
+
 def test_a_failed_write_says_what_to_check_and_a_save_is_logged_as_one_line(path, rng, monkeypatch, caplog):
-    store = enrol(path, {"Ada": unit(rng, 2)})
+    store = enrol(path, {"Ada": unit(rng, 2), **{f"p{i}": unit(rng) for i in range(TIMED_PERSONS - 1)}})
     caplog.set_level(logging.INFO, logger="edge.store")
     with store.edit():
         store.add_person("Grace", unit(rng))
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store_saved")]
     fields = dict(pair.split("=", 1) for pair in line.split()[1:])
-    assert {k: v for k, v in fields.items() if k != "save_ms"} == {"path": str(path), "persons": "2", "rows": "3",
-                                                                   "encrypted": "False"}
+    assert {k: v for k, v in fields.items() if k != "save_ms"} == {
+        "path": str(path), "persons": str(TIMED_PERSONS + 1), "rows": str(TIMED_PERSONS + 2),
+        "encrypted": "False"}
     assert 0.0 < float(fields["save_ms"]) < 60_000.0
 
     def disk_full(*args, **kwargs):
@@ -409,3 +413,38 @@ def test_invalid_embeddings_and_a_taken_name_are_refused_saying_what_is_wrong(pa
         store.add_person("ada", unit(rng))
     assert str(refused.value) == (f"'Ada' is already enrolled in {path}: choose another name, or add the embeddings "
                                   "to that person")
+
+
+def test_misuse_and_unreadable_paths_say_what_to_do(rng, tmp_path):
+    path = tmp_path / "door" / "people.edgestore"
+    path.parent.mkdir()
+    with pytest.raises(ValueError) as refused:
+        Store.open(path, fingerprint="")
+    assert str(refused.value) == ("fingerprint must name the embedding model, e.g. '<onnx sha256>:<preprocessing "
+                                  "version>'")
+    store = enrol(path, {"Ada": unit(rng)})
+    with pytest.raises(RuntimeError) as refused:
+        store.add_person("Grace", unit(rng))
+    assert str(refused.value) == "change the store inside `with store.edit():` so the change is locked and saved"
+    with pytest.raises(StoreError) as refused:
+        Store.open(tmp_path, fingerprint=FINGERPRINT)
+    assert str(refused.value) == (f"cannot read store {tmp_path}: Is a directory; check the path and that this user "
+                                  "may read it")
+    path.parent.rename(tmp_path / "moved")
+    path.parent.write_bytes(b"")  # where the store's folder was, now a file
+    with pytest.raises(StoreError) as refused:
+        store.reload_if_changed()
+    assert str(refused.value) == (f"cannot read store {path}: Not a directory; check the path and that this user "
+                                  "may read it")
+
+
+def test_a_load_is_logged_as_one_line(path, rng, caplog):
+    enrol(path, {"Ada": unit(rng, 2), **{f"p{i}": unit(rng) for i in range(TIMED_PERSONS)}})
+    caplog.set_level(logging.DEBUG, logger="edge.store")
+    open_store(path)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store_loaded")]
+    fields = dict(pair.split("=", 1) for pair in line.split()[1:])
+    assert {k: v for k, v in fields.items() if k != "load_ms"} == {
+        "path": str(path), "persons": str(TIMED_PERSONS + 1), "rows": str(TIMED_PERSONS + 2),
+        "encrypted": "False"}
+    assert 0.0 < float(fields["load_ms"]) < 60_000.0
