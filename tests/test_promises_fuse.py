@@ -52,6 +52,7 @@ def test_fused_is_none_when_nothing_counts_or_the_mean_has_no_direction():
 
 def test_a_template_counts_only_frames_of_positive_weight():
     template = TrackTemplate(window_frames=4)
+    assert template.frames == 0 and template.vector() is None  # a new track has no template yet
     for weight in (0.0, 0.5, 0.0, 1e-9):
         template.add(A, weight)
     assert template.frames == 2
