@@ -3,6 +3,7 @@
     python tools/mutate.py                      every module in MODULES, one after the other
     python tools/mutate.py decide door          only these
     python tools/mutate.py --without 'test_promises_*'   the same, leaving some test files out (a "before" run)
+    python tools/mutate.py store --label store --recheck  the last run's survivors against the tests as they are now
 
 Each run works in out/mutate/<label>/ ("current", or "before" with --without), where mutmut copies the project
 afresh into its mutants/ folder. mutmut first records which tests call which function, then runs, per mutant, only
@@ -84,12 +85,52 @@ def prepare(work: Path, modules: list[str], without: list[str]) -> None:
     (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + f"\n[tool.mutmut]\n{toml}\n")
 
 
+def campaign_env(*paths: Path) -> dict[str, str]:
+    return {**os.environ, "EDGE_MODELS_DIR": str(ROOT / "models"), "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1", "EDGE_SHARED_DATA": str(ROOT.parent / "shared" / "data"),
+            "PYTHONPATH": os.pathsep.join(str(path) for path in (*paths, ROOT / "tools")),
+            "MUTATE_SKIP_FIXTURES": " ".join(SKIP_FIXTURES)}
+
+
 def run_campaign(work: Path, module: str, max_children: int) -> None:
-    env = {**os.environ, "EDGE_MODELS_DIR": str(ROOT / "models"), "OMP_NUM_THREADS": "1",
-           "OPENBLAS_NUM_THREADS": "1", "EDGE_SHARED_DATA": str(ROOT.parent / "shared" / "data"),
-           "PYTHONPATH": str(ROOT / "tools"), "MUTATE_SKIP_FIXTURES": " ".join(SKIP_FIXTURES)}
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), f"edge.{module}.*"]
-    subprocess.run(command, cwd=work, env=env, check=True)
+    subprocess.run(command, cwd=work, env=campaign_env(), check=True)
+
+
+# Each survivor against the tests as they are now, in one process, switched by mutmut's own trampoline variable.
+RECHECK = """
+import contextlib, io, json, os, sys
+import pytest
+survivors, args = json.loads(sys.argv[1]), sys.argv[2:]
+def fails(mutant):
+    os.environ["MUTANT_UNDER_TEST"] = mutant
+    with contextlib.redirect_stdout(io.StringIO()):
+        return pytest.main(["-x", "-q", *args]) != 0
+if fails(""):
+    sys.exit("the tests fail on the unmutated code")
+print(json.dumps([mutant for mutant in survivors if fails(mutant)]))
+"""
+
+
+def recheck(work: Path, module: str, without: list[str], commit: str) -> dict:
+    """A finished run's survivors against the module's current tests (copied afresh into mutmut's folder): tests
+    are only ever added, so what a run caught stays caught; much faster than a new run."""
+    row = json.loads((work / "summary.json").read_text())[module]
+    mutants = work / "mutants"
+    shutil.copytree(ROOT / "tests", mutants / "tests", dirs_exist_ok=True)
+    survivors = [name for name, survivor in row["survivors"].items() if survivor["status"] == "survived"]
+    args = [*test_files(module, without), "-p", "no:cacheprovider", "-p", "mutate_plugin",
+            *(arg for test in DESELECT for arg in ("--deselect", test))]
+    shown = subprocess.run([sys.executable, "-c", RECHECK, json.dumps(survivors), *args], cwd=mutants,
+                           env=campaign_env(mutants), check=True, capture_output=True, text=True)
+    caught = json.loads(shown.stdout.splitlines()[-1])
+    checked = row["caught"] + sum(s["status"] in ("survived", NOT_RUN[33]) for s in row["survivors"].values())
+    row["caught_on_recheck"] = {"commit": commit, "mutants": caught}
+    row["caught"] += len(caught)
+    row["survived"] -= len(caught)
+    row["kill_rate"] = round(row["caught"] / checked, 4)
+    row["survivors"] = {name: survivor for name, survivor in row["survivors"].items() if name not in caught}
+    return row
 
 
 def results(work: Path, module: str, commit: str) -> dict:
@@ -136,20 +177,28 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave out test files matching this pattern (e.g. 'test_promises_*' for a before run)")
     parser.add_argument("--label", default=None, help="folder under out/mutate (default: 'current', 'before' with --without)")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    parser.add_argument("--recheck", action="store_true",
+                        help="run only the survivors of the last run in that folder against the tests as they are now")
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
     unknown = sorted(set(modules) - set(MODULES))
     if unknown:
         parser.error(f"unknown module(s) {', '.join(unknown)}: choose from {', '.join(MODULES)}")
     work = ROOT / "out" / "mutate" / (args.label or ("before" if args.without else "current"))
-    prepare(work, modules, args.without)
     summary_path = work / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    for module in modules:
-        run_campaign(work, module, args.max_children)
-        summary[module] = results(work, module, commit.stdout.strip() + (" (uncommitted changes)" if dirty() else ""))
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    commit = commit.stdout.strip() + (" (uncommitted changes)" if dirty() else "")
+    if args.recheck:
+        for module in modules:
+            summary[module] = recheck(work, module, args.without, commit)
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    else:
+        prepare(work, modules, args.without)
+        for module in modules:
+            run_campaign(work, module, args.max_children)
+            summary[module] = results(work, module, commit)
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{'module':<10}{'mutants':>9}{'caught':>8}{'timeout':>9}{'survived':>10}{'kill rate':>11}")
     for module, row in summary.items():
         rate = "-" if row["kill_rate"] is None else f"{row['kill_rate']:.1%}"
