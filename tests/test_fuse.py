@@ -68,12 +68,12 @@ def world(tmp_path):
     return store, ann, stranger, frames
 
 
-def run_door(store: Store, script: np.ndarray, config: Config) -> tuple[Kiosk, list]:
+def run_door(store: Store, script: np.ndarray, config: Config, emit=None) -> tuple[Kiosk, list]:
     """The real door loop over the scripted frames: the kiosk and each frame's (fused) match. The frames are flat
     4×4 images with no face to show depth, so liveness (tested in test_liveness.py) is off: these tests are about
     what recognition alone decides."""
     config = config.model_copy(update={"liveness": LivenessConfig(mode="off")})
-    kiosk = Kiosk(config=config, pipeline=ScriptedFaces(script), store=store, door=SimulatedDoor(pulse_s=0.2))
+    kiosk = Kiosk(config=config, pipeline=ScriptedFaces(script), store=store, door=SimulatedDoor(pulse_s=0.2), emit=emit)
     matches = []
     for i in range(len(script)):
         kiosk.step(Frame(np.full((4, 4, 3), i, np.uint16), index=i, t_s=i / FPS))
