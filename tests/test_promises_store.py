@@ -448,3 +448,20 @@ def test_a_load_is_logged_as_one_line(path, rng, caplog):
         "path": str(path), "persons": str(TIMED_PERSONS + 1), "rows": str(TIMED_PERSONS + 2),
         "encrypted": "False"}
     assert 0.0 < float(fields["load_ms"]) < 60_000.0
+
+
+def test_a_store_may_keep_one_row_per_person_but_not_none(path, rng):
+    with pytest.raises(ValueError) as refused:
+        open_store(path, max_embeddings_per_person=0)
+    assert str(refused.value) == "max_embeddings_per_person must be at least 1, got 0"
+    store = open_store(path, max_embeddings_per_person=1)
+    with store.edit():
+        store.add_person("Ada", unit(rng, 2))
+    assert len(store.rows("Ada")) == 1
+
+
+def test_rows_already_of_unit_length_are_stored_bit_for_bit(path, rng):
+    """Re-normalising them would change their last bits, and replicas of a store would drift apart."""
+    almost = unit(rng, 3) * np.float32(1 + 5e-7)  # unit to within UNIT_NORM_TOLERANCE, not exactly
+    assert not np.array_equal(almost, almost / np.linalg.norm(almost, axis=1, keepdims=True))
+    assert np.array_equal(enrol(path, {"Ada": almost}).embeddings("Ada"), almost)
