@@ -152,3 +152,39 @@ def test_a_failed_template_update_is_logged_and_the_door_still_opens(world, monk
     assert kiosk.counts["unlock"] == 1 and kiosk.counts["template_updated"] == 0
     assert [r.getMessage() for r in caplog.records] == [
         "event=template_update_failed person=ann error=OSError: [Errno 28] No space left on device"]
+
+
+def test_an_unlock_reports_distance_and_margin_to_4_decimals(world):
+    events: list[dict] = []
+    _, matches = run_door(world[0], ann_in_new_light(world, 0.16), Config(), emit=events.append)
+    [unlock] = [e for e in events if e["event"] == "unlock"]
+    decided = matches[unlock["frame"]]  # the fused match the decision was taken on
+    for key in ("distance_l2", "margin_l2"):
+        assert getattr(decided, key) != round(getattr(decided, key), 4), "the test needs more than 4 decimals"
+        assert unlock[key] == round(getattr(decided, key), 4), key
+
+
+def test_an_unlock_far_from_the_template_does_not_update_it(world):
+    config = Config.model_validate({"enroll": {**AUTO_UPDATE["enroll"], "auto_update_max_l2": 0.1},
+                                    "decide": AUTO_UPDATE["decide"]})
+    kiosk, _ = run_door(world[0], ann_in_new_light(world, 0.16), config)
+    assert kiosk.counts["unlock"] == 1 and kiosk.counts["template_updated"] == 0
+
+
+def test_a_template_update_never_exceeds_max_rows_nor_pushes_out_an_enrolled_row(world):
+    store, ann = world[0], world[1]
+    far = ann_in_new_light(world, 0.6)[0]  # an automatic row in a condition of its own, far from this visit
+    with store.edit():
+        store.add_embeddings("ann", far, sources="auto-update, track 9")
+    kiosk, _ = run_door(store, ann_in_new_light(world, 0.16), Config.model_validate(AUTO_UPDATE))
+    assert kiosk.counts["unlock"] == 1 and kiosk.counts["template_updated"] == 0, "auto_update_max_rows is 1"
+    full = Config.model_validate({"enroll": {**AUTO_UPDATE["enroll"], "auto_update_max_rows": 2,
+                                             "max_embeddings_per_person": 2}, "decide": AUTO_UPDATE["decide"]})
+    kiosk, _ = run_door(store, ann_in_new_light(world, 0.16), full)
+    assert kiosk.counts["unlock"] == 1 and kiosk.counts["template_updated"] == 0, "ann's 2 rows are all she keeps"
+    assert [r.source for r in store.rows("ann")] == ["enrolment", "auto-update, track 9"]
+
+
+def test_before_the_first_frame_nothing_is_shown(store):
+    kiosk, _ = kiosk_on(store, HandClock())
+    assert kiosk.last_faces == [] and kiosk.last_matches == []
