@@ -9,7 +9,8 @@ import logging
 import numpy as np
 import pytest
 from conftest import AnalyzeFake
-from test_fuse import ann_in_new_light, run_door, world  # noqa: F401  (world: a fixture)
+from test_fuse import BOX as FUSE_BOX
+from test_fuse import FRONTAL_LANDMARKS, ann_in_new_light, run_door, world  # noqa: F401  (world: a fixture)
 from test_kiosk import ALICE, CAROL, FAKES_CONFIG, SHARP_CHIP, FakePipeline, embedding_of, frames, store  # noqa: F401
 from test_liveness import FACE_BOX, FPS, TURN_DEG_PER_S, rendered
 from test_promises_kiosk import HandClock, kiosk_on
@@ -188,3 +189,22 @@ def test_a_template_update_never_exceeds_max_rows_nor_pushes_out_an_enrolled_row
 def test_before_the_first_frame_nothing_is_shown(store):
     kiosk, _ = kiosk_on(store, HandClock())
     assert kiosk.last_faces == [] and kiosk.last_matches == []
+
+
+class DistinctFaces(AnalyzeFake):
+    """analyze(image) → one frontal, sharp face whose embedding differs from every other frame's (the image carries
+    the frame index): a capture in which every frame is a distinct candidate."""
+
+    def analyze(self, image: np.ndarray) -> list[EmbeddedFace]:
+        return [EmbeddedFace(Face(FUSE_BOX, 0.99, FRONTAL_LANDMARKS), SHARP_CHIP, np.eye(128)[int(image[0, 0, 0])])]
+
+
+def test_button_enrolment_keeps_button_rows_of_the_distinct_faces_it_saw(store):
+    config = Config.model_validate({**FAKES_CONFIG.model_dump(), "enroll": {"capture_frames": 5, "button_rows": 2}})
+    events: list[dict] = []
+    kiosk = Kiosk(config=config, pipeline=DistinctFaces(), store=store, door=SimulatedDoor(), emit=events.append,
+                  press_button_at={0})
+    for i in range(5):
+        kiosk.step(Frame(np.full((4, 4, 3), i + 1, np.uint8), i, i / FPS))
+    [enrolled] = [e for e in events if e["event"] == "enrolled"]
+    assert enrolled["rows"] == 2 and len(kiosk.store.rows(enrolled["person"])) == 2
