@@ -135,3 +135,10 @@ def test_each_face_continues_at_most_one_track_and_each_track_at_most_one_face()
     single = Decider(settings(iou_min=0.3))
     frame_tracks(single, [left], 0)
     assert frame_tracks(single, [left, nudged], 1) == {1: left, 2: nudged}, "the second face starts its own track"
+
+
+def test_a_face_without_a_match_this_frame_does_not_hold_up_the_others():
+    """A decided track is not embedded again, so it has no match; the faces after it still vote."""
+    decider = Decider(settings())
+    decided = [d for i in range(3) for d in decider.update([(BOX, None), (OTHER_BOX, known("ann"))], i, i / 10)]
+    assert [(d.event, d.person, d.box) for d in decided] == [("unlock", "ann", OTHER_BOX)]

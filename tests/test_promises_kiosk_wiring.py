@@ -18,7 +18,7 @@ from test_promises_kiosk import HandClock, kiosk_on
 from edge.config import Config, LivenessConfig
 from edge.door import SimulatedDoor
 from edge.kiosk import Kiosk
-from edge.store import Store
+from edge.store import ABSENT_DISTANCE_L2, Store
 from edge.types import EmbeddedFace, Face, Frame
 
 # ---- liveness gates the unlock, per track -------------------------------------------------------------------------
@@ -55,6 +55,10 @@ def test_a_turning_picture_of_an_enrolled_person_keeps_the_door_shut(store):
         ("liveness_fail", "alice", "fail", "none")]
     assert events[0]["liveness_evidence"]["parallax"] < LivenessConfig().min_parallax
     assert door.history == []
+    refused = events[0]  # on the frame the verdict turned: Alice's own vote, on her own track
+    assert (refused["t_s"], refused["track"], refused["distance_l2"], refused["margin_l2"]) == (
+        refused["frame"] / FPS, 1, 0.0, ABSENT_DISTANCE_L2)
+    assert refused["votes"] == Config().decide.window_frames
 
 
 # ---- what the surfaces are fed, every frame -----------------------------------------------------------------------
