@@ -58,6 +58,9 @@ def test_the_verdict_carries_the_median_evidence_of_the_moving_steps():
 def test_evidence_is_reported_rounded():
     verdict = LivenessVerdict(PASS, parallax=0.0123456, motion=0.0654321, points=41, evidence_s=1.23456)
     assert verdict.evidence() == {"parallax": 0.0123, "motion": 0.0654, "points": 41, "evidence_s": 1.23}
+    blinked = LivenessVerdict(PASS, blinks=2, openness=0.2345678, openness_ratio=0.8765432)  # blink cue on
+    assert blinked.evidence() == {"parallax": 0.0, "motion": 0.0, "points": 0, "evidence_s": 0.0, "blinks": 2,
+                                  "openness": 0.2346, "openness_ratio": 0.877}
 
 
 def test_the_crop_covers_both_boxes_with_a_quarter_face_margin_and_scales_the_face_to_work_px():

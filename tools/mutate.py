@@ -34,7 +34,7 @@ MODULES = {
     "store": ["test_store.py", "test_promises_store.py", "test_names.py", "test_kiosk.py"],
     "quality": ["test_promises_enrolment.py", "test_kiosk.py"],
     "fuse": ["test_fuse.py", "test_promises_fuse.py", "test_decide.py", "test_promises_decide.py"],
-    "liveness": ["test_liveness.py", "test_promises_liveness.py", "test_kiosk.py"],
+    "liveness": ["test_liveness.py", "test_promises_liveness.py", "test_kiosk.py", "test_blink.py"],
 }
 # Left out of mutation runs (`make test` runs them): tests that reach the code only through a child process (mutmut's
 # map of which test calls which function cannot see into children, so they would never be chosen for a mutant, only
