@@ -66,12 +66,12 @@ def rendered(yaw_rad: float, *, curved: bool) -> np.ndarray:
                      (body[..., 1] / METRES_PER_TEXEL + half).astype(np.float32), cv2.INTER_LINEAR)
 
 
-def verdicts(seconds: float, *, deg_per_s: float, curved: bool) -> list[LivenessVerdict]:
+def verdicts(seconds: float, *, deg_per_s: float, curved: bool, start_s: float = 0.0) -> list[LivenessVerdict]:
     live = Liveness(LivenessConfig())
     face = Face(FACE_BOX, 0.99)
     frames = int(seconds * FPS)
-    return [live.observe(1, Frame(rendered(np.radians(deg_per_s) * (i - frames / 2) / FPS, curved=curved), i, i / FPS),
-                         face) for i in range(frames)]
+    return [live.observe(1, Frame(rendered(np.radians(deg_per_s) * (i - frames / 2) / FPS, curved=curved), i,
+                                  start_s + i / FPS), face) for i in range(frames)]
 
 
 def test_a_turning_picture_fails_and_a_turning_head_passes():
@@ -82,6 +82,12 @@ def test_a_turning_picture_fails_and_a_turning_head_passes():
     head = verdicts(1.2, deg_per_s=TURN_DEG_PER_S, curved=True)
     assert head[-1].state == PASS and head[-1].parallax > limit
     assert head[-1].motion >= LivenessConfig().min_motion and head[-1].points >= 12
+
+
+def test_a_head_first_seen_long_after_the_start_is_judged_the_same():
+    """The evidence window counts back from each frame, whatever the clock read when the track began."""
+    head = verdicts(1.2, deg_per_s=TURN_DEG_PER_S, curved=True, start_s=1000.0)
+    assert head[-1].state == PASS
 
 
 def test_a_picture_whose_point_tracks_drifted_still_shows_no_depth():

@@ -178,3 +178,22 @@ def test_when_half_the_points_are_lost_new_ones_fill_up_to_max_points_away_from_
     scale = crop_geometry(WIDE_BOX, WIDE_BOX, SCENE.shape, settings.work_px)[4]
     gaps = np.linalg.norm(state.points[~followed, None] - state.points[None, followed], axis=2) * scale
     assert gaps.min() >= CORNER_MIN_DISTANCE_PX - 1, "a new corner on top of a followed point"
+
+
+def test_the_blink_cue_keeps_a_state_per_track():
+    """One Liveness per camera, state per track id: the blink cue is fed each face under its own track."""
+    from edge.blink import BlinkEvidence
+
+    fed = []
+
+    class Recorder:
+        def observe(self, track_id, image, landmarks, t_s):
+            fed.append(track_id)
+            return BlinkEvidence(0, 0.3, 1.0)
+
+    live = Liveness(LivenessConfig(mode="parallax"))  # built without the eye models, then switched to blink
+    live.settings, live.blink = LivenessConfig(mode="blink"), Recorder()
+    frame = Frame(np.zeros((240, 320, 3), np.uint8), 0, 0.0)
+    for track in (7, 9):
+        assert live.observe(track, frame, Face((100.0, 50.0, 200.0, 150.0), 0.9)).state == PENDING
+    assert fed == [7, 9]
