@@ -42,16 +42,15 @@ class Pipeline:
 
     def add_landmarks(self, image: np.ndarray, faces: list[Face]) -> list[Face]:
         """The faces with their 5-point landmarks (predicted where missing)."""
-        missing = [i for i, f in enumerate(faces) if f.landmarks is None]
-        if not missing:  # nothing to predict: the stage's time is that of the call that predicted them, if any
-            self.last_ms.setdefault("landmarks", 0.0)
-            return faces
         start = time.perf_counter()
-        points = self.landmarks.predict(image, predictor_boxes(np.array([faces[i].box for i in missing])))
-        faces = list(faces)
-        for i, p in zip(missing, points):
-            faces[i] = Face(box=faces[i].box, score=faces[i].score, landmarks=p)
-        self._tick("landmarks", start)
+        missing = [i for i, f in enumerate(faces) if f.landmarks is None]
+        if missing:
+            points = self.landmarks.predict(image, predictor_boxes(np.array([faces[i].box for i in missing])))
+            faces = list(faces)
+            for i, p in zip(missing, points):
+                faces[i] = Face(box=faces[i].box, score=faces[i].score, landmarks=p)
+        # Every prediction since detect counts (embedding, and the blink cue's for faces not embedded).
+        self.last_ms["landmarks"] = self.last_ms.get("landmarks", 0.0) + (time.perf_counter() - start) * 1e3
         return faces
 
     def locate(self, image: np.ndarray, *, thorough: bool = False) -> list[Face]:
