@@ -342,13 +342,18 @@ def test_a_newer_format_or_another_model_is_refused_with_what_to_do(path, rng):
 TIMED_PERSONS = 2000  # so a logged duration of 0.0 ms would be wrong, not a fast machine
 
 
+def logged_fields(caplog, event: str) -> dict[str, str]:
+    """The key=value fields of the one log line that starts with `event`."""
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith(event)]
+    return dict(pair.split("=", 1) for pair in line.split()[1:])
+
+
 def test_a_failed_write_says_what_to_check_and_a_save_is_logged_as_one_line(path, rng, monkeypatch, caplog):
     store = enrol(path, {"Ada": unit(rng, 2), **{f"p{i}": unit(rng) for i in range(TIMED_PERSONS - 1)}})
     caplog.set_level(logging.INFO, logger="edge.store")
     with store.edit():
         store.add_person("Grace", unit(rng))
-    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store_saved")]
-    fields = dict(pair.split("=", 1) for pair in line.split()[1:])
+    fields = logged_fields(caplog, "store_saved")
     assert {k: v for k, v in fields.items() if k != "save_ms"} == {
         "path": str(path), "persons": str(TIMED_PERSONS + 1), "rows": str(TIMED_PERSONS + 2),
         "encrypted": "False"}
@@ -442,8 +447,7 @@ def test_a_load_is_logged_as_one_line(path, rng, caplog):
     enrol(path, {"Ada": unit(rng, 2), **{f"p{i}": unit(rng) for i in range(TIMED_PERSONS)}})
     caplog.set_level(logging.DEBUG, logger="edge.store")
     open_store(path)
-    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store_loaded")]
-    fields = dict(pair.split("=", 1) for pair in line.split()[1:])
+    fields = logged_fields(caplog, "store_loaded")
     assert {k: v for k, v in fields.items() if k != "load_ms"} == {
         "path": str(path), "persons": str(TIMED_PERSONS + 1), "rows": str(TIMED_PERSONS + 2),
         "encrypted": "False"}
