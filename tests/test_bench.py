@@ -23,4 +23,5 @@ def test_bench_times_the_door_loop_which_skips_faces_of_decided_tracks(models_di
     assert set(loop["stage_ms_median"]) == {"decode", "detect", "landmarks", "align", "embed", "liveness", "rest"}
     assert report["total_ms_median"] == loop["total_ms_median"]
     assert every["stage_ms_median"]["landmarks"] > 0  # a face in every frame: its landmark time is not lost
-    assert "door_loop: 20 frames" in out.stderr and "every face embedded" in out.stderr
+    assert every["faces_embedded"] == every["faces_seen"] == loop["faces_seen"]
+    assert "door_loop (faces of decided tracks not embedded): 20 frames" in out.stderr and "every face embedded" in out.stderr
