@@ -81,7 +81,7 @@ class Keyframe:
 
 @dataclass
 class TrackState:
-    """Points being followed on one track, the last image they were seen in, and recent keyframes."""
+    """Points being followed on one track, the last frame they were seen in (grey), and recent keyframes."""
 
     image: np.ndarray
     box: tuple
@@ -106,11 +106,9 @@ def crop_geometry(box: tuple, previous: tuple, shape: tuple, work_px: int) -> tu
 def grey_crop(image: np.ndarray, geometry: tuple) -> np.ndarray:
     x0, y0, x1, y1, scale = geometry
     crop = image[y0:y1, x0:x1]
-    if crop.ndim == 3:
-        crop = cv2.cvtColor(crop, cv2.COLOR_BGR2GRAY)
     if scale < 1.0:
-        crop = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-    return crop
+        return cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return crop.copy()  # not a view: a keyframe must not keep its whole frame alive
 
 
 def crop_matrix(geometry: tuple) -> np.ndarray:
@@ -206,17 +204,18 @@ class Liveness:
         """The parallax cue's verdict for this frame."""
         s = self.settings
         state = self.tracks.get(track_id)
+        grey = frame.image if frame.image.ndim == 2 else cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY)
         if state is None:
-            state = self.tracks[track_id] = TrackState(image=frame.image, box=face.box)
-        geometry = crop_geometry(face.box, state.box, frame.image.shape, s.work_px)
+            state = self.tracks[track_id] = TrackState(image=grey, box=face.box)
+        geometry = crop_geometry(face.box, state.box, grey.shape, s.work_px)
         if min(geometry[2] - geometry[0], geometry[3] - geometry[1]) * geometry[4] < LK_WINDOW_PX:
             return state.verdict  # the face is (nearly) outside the image: nothing to follow in this frame
-        current = grey_crop(frame.image, geometry)
+        current = grey_crop(grey, geometry)
         if len(state.ids):
             self._follow(state, grey_crop(state.image, geometry), current, geometry)
         if len(state.ids) < s.max_points // 2:
             self._add_points(state, current, face.box, geometry)
-        state.image, state.box = frame.image, face.box
+        state.image, state.box = grey, face.box
         if not state.keyframes or frame.t_s - state.keyframes[-1].t_s >= s.keyframe_s - KEYFRAME_SLACK_S:
             state.keyframes.append(self._keyframe(state, frame.t_s, face.width_px, current, geometry))
         while state.keyframes and frame.t_s - state.keyframes[0].t_s > s.window_s:

@@ -135,6 +135,22 @@ def test_tracks_are_forgotten_with_the_decider():
     assert list(live.tracks) == [2]
 
 
+def test_a_track_holds_one_grey_frame_and_its_keyframes_only_their_crops():
+    """Memory on a 1080p camera: the previous frame is kept grey (a third of the colour frame), and a keyframe of a
+    face narrower than work_px (crop at scale 1) is a copy, not a view that keeps its whole frame alive."""
+    live = Liveness(LivenessConfig())
+    frame = np.zeros((1080, 1920, 3), np.uint8)
+    frame[400:800, 800:1200] = rendered(0.0, curved=True)
+    face = Face((900.0, 500.0, 1000.0, 600.0), 0.99)  # 100 px wide: below work_px, so the crop is not rescaled
+    for i in range(int(1.0 * FPS)):
+        live.observe(1, Frame(frame.copy(), i, i / FPS), face)
+    state = live.tracks[1]
+    assert state.image.shape == (1080, 1920)
+    assert len(state.keyframes) > 1
+    for keyframe in state.keyframes:
+        assert keyframe.grey.base is None and keyframe.grey.nbytes < 200 * 200
+
+
 def test_a_face_outside_the_image_is_not_followed():
     live = Liveness(LivenessConfig())
     verdict = live.observe(1, Frame(np.zeros((8, 8, 3), np.uint8)), Face((250.0, 50.0, 400.0, 200.0), 0.9))
