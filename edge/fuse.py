@@ -20,19 +20,18 @@ ZERO_WEIGHT_YAW = 0.5
 
 def quality_weight(width_px, sharpness, yaw) -> np.ndarray:
     """Weight in [0, 1] per face from its width, sharpness and yaw (arrays or scalars, broadcast)."""
-    width = np.asarray(width_px, dtype=np.float64)
-    sharp = np.maximum(np.asarray(sharpness, dtype=np.float64), 0.0)
-    size_term = np.clip(width / FULL_WEIGHT_FACE_PX, 0.0, 1.0)
+    size_term = np.clip(np.divide(width_px, FULL_WEIGHT_FACE_PX), 0.0, 1.0)
+    sharp = np.maximum(sharpness, 0.0)
     sharp_term = sharp / (sharp + HALF_WEIGHT_SHARPNESS)
-    pose_term = np.clip(1.0 - np.asarray(yaw, dtype=np.float64) / ZERO_WEIGHT_YAW, 0.0, 1.0)
+    pose_term = np.clip(1.0 - np.divide(yaw, ZERO_WEIGHT_YAW), 0.0, 1.0)
     return size_term * sharp_term * pose_term
 
 
 def fused(embeddings: np.ndarray, weights=None) -> np.ndarray | None:
     """Unit vector along the (weighted) mean of unit embeddings (k, 128); None when every weight is 0."""
-    rows = np.asarray(embeddings, dtype=np.float64)
-    w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=np.float64)
-    total = (rows * w[:, None]).sum(axis=0)
+    rows = np.asarray(embeddings)
+    w = np.ones(len(rows)) if weights is None else np.asarray(weights)
+    total = (rows * w[:, None]).sum(axis=0)  # float64 whatever the rows' dtype: the weights are
     norm = float(np.linalg.norm(total))
     if not w.any() or norm == 0.0:
         return None
@@ -51,7 +50,7 @@ class TrackTemplate:
         self._weights: deque[float] = deque(maxlen=window_frames)
 
     def add(self, embedding: np.ndarray, weight: float) -> None:
-        self._vectors.append(np.asarray(embedding, dtype=np.float32))
+        self._vectors.append(embedding)
         self._weights.append(float(weight))
 
     @property

@@ -16,8 +16,8 @@ A, B = np.eye(128)[0], np.eye(128)[1]
 
 
 @pytest.mark.parametrize(("width_px", "term"), [(FULL_WEIGHT_FACE_PX * 2, 1.0), (FULL_WEIGHT_FACE_PX, 1.0),
-                                                  (FULL_WEIGHT_FACE_PX / 4, 0.25), (0.0, 0.0)])
-def test_size_counts_fully_from_full_weight_face_px_and_linearly_below(width_px, term):
+                                                  (FULL_WEIGHT_FACE_PX / 4, 0.25), (0.0, 0.0), (-8.0, 0.0)])
+def test_size_counts_fully_from_full_weight_face_px_and_linearly_below_never_below_zero(width_px, term):
     assert quality_weight(width_px, SHARP, 0.0) == pytest.approx(term)
 
 

@@ -35,6 +35,8 @@ MODULES = {
     "quality": ["test_promises_enrolment.py", "test_kiosk.py"],
     "fuse": ["test_fuse.py", "test_promises_fuse.py", "test_decide.py", "test_promises_decide.py"],
     "liveness": ["test_liveness.py", "test_promises_liveness.py", "test_kiosk.py", "test_blink.py"],
+    "blink": ["test_blink.py", "test_promises_liveness.py", "test_liveness.py"],
+    "fleet.sync": ["test_fleet.py"],
 }
 # Left out of mutation runs (`make test` runs them): tests that reach the code only through a child process (mutmut's
 # map of which test calls which function cannot see into children, so they would never be chosen for a mutant, only
@@ -50,6 +52,7 @@ DESELECT = [
     "tests/test_promises_enrolment.py::test_cli_enrolment_applies_each_gate",
     "tests/test_store.py::test_two_writing_processes_lose_nothing",
     "tests/test_store.py::test_sigkill_during_saves_loses_no_committed_person",
+    "tests/test_fleet.py::test_fleet_sim_three_door_processes_converge_and_survive_a_partition",
 ]
 # What the copied project needs besides edge/ and tests/ (models come through EDGE_MODELS_DIR).
 LINKED = ["edge", "tests", "engines", "samples"]
@@ -57,6 +60,11 @@ KILLED = {1, 3}  # mutmut exit codes: a test failed or pytest errored
 TIMEOUT = {24, -24, 36, 152, 255}  # the tests ran out of time (an endless loop counts as caught)
 CAUGHT = KILLED | TIMEOUT
 NOT_RUN = {33: "no test reaches it", 34: "skipped", None: "not checked"}
+
+
+def source_path(module: str) -> str:
+    """edge/<module>.py, a dotted module name (fleet.sync) as a path (edge/fleet/sync.py)."""
+    return f"edge/{module.replace('.', '/')}.py"
 
 
 def test_files(module: str, without: list[str]) -> list[str]:
@@ -76,7 +84,7 @@ def prepare(work: Path, modules: list[str], without: list[str]) -> None:
     tests = sorted({path for module in modules for path in test_files(module, without)})
     table = {
         "source_paths": ["edge"],
-        "only_mutate": [f"edge/{module}.py" for module in modules],
+        "only_mutate": [source_path(module) for module in modules],
         "pytest_add_cli_args_test_selection": tests,
         "pytest_add_cli_args": [arg for test in DESELECT for arg in ("--deselect", test)]
         + ["-p", "no:cacheprovider", "-p", "mutate_plugin"],
@@ -137,7 +145,7 @@ def recheck(work: Path, module: str, without: list[str], commit: str) -> dict:
 
 def results(work: Path, module: str, commit: str) -> dict:
     """Caught/survived counts of one module from mutmut's meta file, with the survivors' names and diffs."""
-    meta = json.loads((work / "mutants" / "edge" / f"{module}.py.meta").read_text())
+    meta = json.loads((work / "mutants" / f"{source_path(module)}.meta").read_text())
     codes = meta["exit_code_by_key"]
     caught = sum(code in CAUGHT for code in codes.values())
     timeout = sum(code in TIMEOUT for code in codes.values())
@@ -161,7 +169,7 @@ print(json.dumps({name: get_diff_for_mutant(name, path=path) for name in names})
 
 
 def diffs(work: Path, module: str, mutants: list[str]) -> dict[str, str]:
-    shown = subprocess.run([sys.executable, "-c", DIFFS, f"edge/{module}.py", *mutants], cwd=work, check=True,
+    shown = subprocess.run([sys.executable, "-c", DIFFS, source_path(module), *mutants], cwd=work, check=True,
                            capture_output=True, text=True)
     return {name: "\n".join(line for line in text.splitlines() if re.match(r"[-+@]", line) and line[:3] not in
                              ("---", "+++")) for name, text in json.loads(shown.stdout).items()}
