@@ -40,7 +40,7 @@ def mediapipe_region(region: blink.Region, points: np.ndarray) -> blink.Region:
 
 def main(paths: list[str]) -> int:
     pipeline = Pipeline(Config())
-    eyes = blink.EyeLandmarks(models_dir=pipeline.config.resolved_models_dir())
+    eyes = blink.EyeLandmarks(models_dir=pipeline.config.resolved_models_dir(), threads=1)
     photos = [p for arg in map(Path, paths) for p in (sorted(arg.rglob("*")) if arg.is_dir() else [arg])
               if p.suffix.lower() in SUFFIXES]
     downs, sides = [], []

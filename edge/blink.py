@@ -106,15 +106,14 @@ def eye_openness(contour: np.ndarray) -> float:
 
 def crop(image_bgr: np.ndarray, region: Region, size_px: int) -> np.ndarray:
     """A model's input for a region: (1, size_px, size_px, 3) float32 RGB in [0, 1]."""
-    patch = cv2.warpAffine(image_bgr, region.to_crop(size_px), (size_px, size_px), flags=cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_CONSTANT)
+    patch = cv2.warpAffine(image_bgr, region.to_crop(size_px), (size_px, size_px))  # bilinear, black outside
     return (cv2.cvtColor(patch, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0)[None]
 
 
 class EyeLandmarks:
     """FaceMesh then the iris model, through ONNX Runtime: `openness(image_bgr, points5)` → (openness, face logit)."""
 
-    def __init__(self, *, models_dir: Path, threads: int = 1) -> None:
+    def __init__(self, *, models_dir: Path, threads: int) -> None:
         from edge.backends.onnxruntime import cpu_session
 
         self._sessions = []
@@ -138,7 +137,7 @@ class EyeLandmarks:
 
     def openness(self, image_bgr: np.ndarray, points5: np.ndarray) -> tuple[float, float]:
         """Mean eye openness of the face at these 5-point landmarks, and FaceMesh's face logit."""
-        face_region = region_from_landmarks(np.asarray(points5, np.float64))
+        face_region = region_from_landmarks(points5)
         points, logit = self.mesh(image_bgr, face_region)
         eyes = eye_regions(face_region.to_frame(points, MESH_PX))
         return float(np.mean([eye_openness(self.contour(image_bgr, eye)) for eye in eyes])), logit

@@ -199,7 +199,7 @@ def eyes_and_faces(models_dir):
             pytest.skip(f"{models_dir / name} absent: run `make models`")
     pipeline = Pipeline(Config(models_dir=models_dir))
     image = cv2.imread(str(PHOTOS / "obama.jpg"))
-    return blink.EyeLandmarks(models_dir=models_dir), pipeline, image, pipeline.locate(image)[0]
+    return blink.EyeLandmarks(models_dir=models_dir, threads=1), pipeline, image, pipeline.locate(image)[0]
 
 
 def test_open_eyes_in_a_photo(eyes_and_faces):

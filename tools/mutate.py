@@ -35,7 +35,7 @@ MODULES = {
     "quality": ["test_promises_enrolment.py", "test_kiosk.py"],
     "fuse": ["test_fuse.py", "test_promises_fuse.py", "test_decide.py", "test_promises_decide.py"],
     "liveness": ["test_liveness.py", "test_promises_liveness.py", "test_kiosk.py", "test_blink.py"],
-    "blink": ["test_blink.py", "test_promises_liveness.py", "test_liveness.py"],
+    "blink": ["test_blink.py", "test_promises_blink.py", "test_promises_liveness.py", "test_liveness.py"],
     "fleet.sync": ["test_fleet.py"],
 }
 # Left out of mutation runs (`make test` runs them): tests that reach the code only through a child process (mutmut's
