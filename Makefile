@@ -68,6 +68,7 @@ bench: dev models
 	@echo "one core, one thread (Pi-class figure):"
 	taskset -c 0 $(PY) -m edge bench --threads 1
 	$(PY) bench/kiosk_rss.py --frames 1000 --camera-width 640
+	$(PY) bench/kiosk_rss.py --frames 1000 --camera-width 1920
 	$(PY) bench/kiosk_rss.py --frames 1000
 	-$(PY) bench/mqtt_frame_time.py
 	$(if $(wildcard $(BENCH_DATA)/pairs/master.csv),$(PY) -m edge bench degrade --pairs $(BENCH_DATA)/pairs/master.csv)

@@ -4,7 +4,8 @@ enrolment, unlock and audit paths run too. Prints peak RSS (getrusage) and curre
 
 With --camera-width 640 the frames come as a USB camera at its default size delivers them: the video's frames
 resized to 640 px and JPEG-encoded (an MJPEG webcam) by a child process beforehand, then played in a loop through
-the product's images:// source, so the 1080p H.264 decoder's ~60 MB (a file-source artefact) is not in the figure.
+the product's images:// source, so the 1080p H.264 decoder's ~60 MB (a file-source artefact) is not in the figure;
+--camera-width 1920 is a 1080p MJPEG camera the same way (full-size frames, no H.264 decoder).
 
 Goal: peak RSS ≤ 250 MB over 1000 frames (issue 16); printed here, never asserted in a timed test.
 Usage: python bench/kiosk_rss.py [--frames 1000] [--camera-width 640] [--people ../shared/data/people/train]

@@ -36,7 +36,7 @@ MODULES = {
     "fuse": ["test_fuse.py", "test_promises_fuse.py", "test_decide.py", "test_promises_decide.py"],
     "liveness": ["test_liveness.py", "test_promises_liveness.py", "test_kiosk.py", "test_blink.py"],
     "blink": ["test_blink.py", "test_promises_blink.py", "test_promises_liveness.py", "test_liveness.py"],
-    "fleet.sync": ["test_fleet.py"],
+    "fleet.sync": ["test_fleet.py", "test_promises_fleet.py"],
 }
 # Left out of mutation runs (`make test` runs them): tests that reach the code only through a child process (mutmut's
 # map of which test calls which function cannot see into children, so they would never be chosen for a mutant, only
