@@ -204,7 +204,7 @@ class Liveness:
         """The parallax cue's verdict for this frame."""
         s = self.settings
         state = self.tracks.get(track_id)
-        grey = frame.image if frame.image.ndim == 2 else cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY)
+        grey = cv2.cvtColor(frame.image, cv2.COLOR_BGR2GRAY)  # kept for the next frame: a third of the colour one
         if state is None:
             state = self.tracks[track_id] = TrackState(image=grey, box=face.box)
         geometry = crop_geometry(face.box, state.box, grey.shape, s.work_px)
