@@ -68,6 +68,11 @@ def test_the_crop_covers_both_boxes_with_a_quarter_face_margin_and_scales_the_fa
         75, 65, 235, 225, 0.5)
     assert crop_geometry((10.0, 5.0, 110.0, 105.0), (10.0, 5.0, 110.0, 105.0), (100, 100, 3), 400) == (
         0, 0, 100, 100, 1.0), "clipped to the image, never enlarged"
+    # every coordinate distinct: x from x, y from y, the width from x, clipped at the image's height
+    assert crop_geometry((40.0, 10.0, 80.0, 70.0), (44.0, 16.0, 76.0, 60.0), (75, 300, 3), 20) == (30, 0, 90, 75, 0.5)
+    # a 1.5-px face: a margin of a quarter of its own width (the 1-px floor only guards a zero width)
+    assert crop_geometry((100.4, 50.0, 101.9, 52.0), (100.4, 50.0, 101.9, 52.0), (200, 200, 3), 120) == (
+        100, 49, 102, 52, 1.0)
 
 
 def test_crop_matrix_maps_frame_pixels_into_the_scaled_crop():
@@ -80,9 +85,9 @@ def test_grey_crop_is_the_cut_of_the_grey_frame_scaled_down_and_never_a_view():
     image = np.random.default_rng(2).integers(0, 256, (60, 80), dtype=np.uint8)
     cut = grey_crop(image, (10, 20, 50, 60, 1.0))
     assert np.array_equal(cut, image[20:60, 10:50]) and not np.shares_memory(cut, image)
-    half = grey_crop(image, (10, 20, 50, 60, 0.5))
-    assert half.shape == (20, 20) and np.array_equal(half, cv2.resize(image[20:60, 10:50], (20, 20),
-                                                                      interpolation=cv2.INTER_AREA))
+    shrunk = grey_crop(image, (10, 20, 50, 60, 0.3))  # area-averaged: no aliasing of the tracked texture
+    assert shrunk.shape == (12, 12) and np.array_equal(shrunk, cv2.resize(image[20:60, 10:50], (12, 12),
+                                                                          interpolation=cv2.INTER_AREA))
 
 
 # ---- the planar fit between two keyframes ------------------------------------------------------------------------
@@ -179,6 +184,23 @@ def test_when_half_the_points_are_lost_new_ones_fill_up_to_max_points_away_from_
     scale = crop_geometry(WIDE_BOX, WIDE_BOX, SCENE.shape, settings.work_px)[4]
     gaps = np.linalg.norm(state.points[~followed, None] - state.points[None, followed], axis=2) * scale
     assert gaps.min() >= CORNER_MIN_DISTANCE_PX - 1, "a new corner on top of a followed point"
+
+
+def test_a_point_id_is_never_reused_on_its_track_however_often_it_refills():
+    """Keyframes pair points by id: an id given again to a new corner would pair two unrelated points."""
+    live, settings = Liveness(LivenessConfig()), LivenessConfig()
+    geometry = crop_geometry(WIDE_BOX, WIDE_BOX, SCENE.shape, settings.work_px)
+    grey = grey_crop(cv2.cvtColor(SCENE, cv2.COLOR_BGR2GRAY), geometry)
+    state = TrackState(grey, WIDE_BOX)
+    given = []
+    for _ in range(4):
+        before = set(state.ids.tolist())
+        live._add_points(state, grey, WIDE_BOX, geometry)
+        fresh = [i for i in state.ids.tolist() if i not in before]
+        assert fresh and not set(fresh) & set(given), "an id given out before was given again"
+        given += fresh
+        kept = len(state.ids) // 3  # two thirds of the points lost
+        state.ids, state.points = state.ids[-kept:], state.points[-kept:]
 
 
 def test_the_blink_cue_keeps_a_state_per_track():
