@@ -41,6 +41,15 @@ def turning(store, *, curved: bool) -> tuple[list[dict], SimulatedDoor]:
     return events, door
 
 
+def test_the_blink_cue_loads_its_models_from_the_configured_models_dir(store, tmp_path):
+    """config.models_dir is where every model comes from, the liveness cue's too (not the default folder)."""
+    from edge.errors import ModelError
+
+    config = Config(models_dir=tmp_path, liveness=LivenessConfig(mode="blink"))
+    with pytest.raises(ModelError, match=str(tmp_path)):
+        Kiosk(config=config, pipeline=AliceOnEveryFrame(), store=store, door=SimulatedDoor())
+
+
 def test_a_turning_head_unlocks_once_its_track_shows_depth(store):
     events, door = turning(store, curved=True)
     [unlock] = [e for e in events if e["event"] == "unlock"]

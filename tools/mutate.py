@@ -30,7 +30,7 @@ MODULES = {
                "test_liveness.py", "test_promises_kiosk_wiring.py"],
     "door": ["test_door.py", "test_promises_door.py", "test_kiosk.py"],
     "kiosk": ["test_kiosk.py", "test_promises_kiosk.py", "test_promises_kiosk_wiring.py", "test_promises_door.py",
-              "test_promises_enrolment.py", "test_fuse.py", "test_liveness.py"],
+              "test_promises_enrolment.py", "test_fuse.py", "test_liveness.py", "test_blink.py"],
     "store": ["test_store.py", "test_promises_store.py", "test_names.py", "test_kiosk.py"],
     "quality": ["test_promises_enrolment.py", "test_kiosk.py"],
     "fuse": ["test_fuse.py", "test_promises_fuse.py", "test_decide.py", "test_promises_decide.py"],
