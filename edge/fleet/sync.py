@@ -255,11 +255,15 @@ class Replica:
                         self._erased[local_id] = (central_id, name, time.monotonic() + ERASED_GRACE_S)
                     report.erased.append(central_id)
             central_of = {local_id: central_id for central_id, (local_id, _, _) in agreed.items()}
-            for person in changes.people:
+            # someone removed here after this round compared the store stays removed: the next full comparison
+            # (within a sync interval) erases them everywhere
+            people = [person for person in changes.people
+                      if person.id not in agreed or self._exists(agreed[person.id][0])]
+            for person in people:
                 self._make_way(person, central_of, report)
-            for person in changes.people:
+            for person in people:
                 known = agreed.get(person.id)
-                if known is not None and self._exists(known[0]):
+                if known is not None:
                     local_id = known[0]
                     changed = self.store.find(local_id).name != person.name
                     if changed:
