@@ -453,6 +453,25 @@ def test_names_swapped_in_the_fleet_are_applied_without_a_clash(fleet, tmp_path)
     assert sync(replica, door_cfg("d1")).pushed == {}
 
 
+def racing_round(replica: Replica, store: Store, cfg, admin, pg_dsn: str, central_change, local_change) -> SyncReport:
+    """One round made to race: alice's rename here gives it something to push; it then waits behind
+    `central_change`, still uncommitted, while the kiosk's own handle on the store makes `local_change`."""
+    with store.edit():
+        store.rename("alice", "alicia")
+    kiosk_store = Store.open(store.path, fingerprint=FINGERPRINT)
+    reports: list[SyncReport] = []
+    round_ = threading.Thread(target=lambda: reports.append(sync(replica, cfg)))
+    with admin.transaction():
+        central_change()
+        round_.start()
+        assert wait_until(lambda: sessions(pg_dsn, cfg.door_id, waiting=True) == 1, AGENT_WAIT_S)
+        with kiosk_store.edit():
+            local_change(kiosk_store)
+    round_.join(AGENT_WAIT_S)
+    (report,) = reports
+    return report
+
+
 def test_a_local_enrolment_racing_a_sync_loses_its_name_to_the_fleet(fleet, tmp_path, pg_dsn, caplog):
     """A name enrolled here after the round read the store, given centrally meanwhile: the centre is the truth."""
     door_cfg, admin = fleet
@@ -462,20 +481,13 @@ def test_a_local_enrolment_racing_a_sync_loses_its_name_to_the_fleet(fleet, tmp_
     with store.edit():
         alice = store.add_person("alice", embedding_of(1))
     sync(replica, cfg)
-    with store.edit():
-        store.rename("alice", "alicia")  # the next round pushes this rename …
-    kiosk_store = Store.open(store.path, fingerprint=FINGERPRINT)
     caplog.set_level(logging.INFO, logger="edge.fleet")
-    reports: list[SyncReport] = []
-    round_ = threading.Thread(target=lambda: reports.append(sync(replica, cfg)))
-    with admin.transaction():
+
+    def central_change():
         central.enrol(admin, person_id=DAVE, name="dave", note=None, rows=embedding_of(7), source=central.CENTRAL)
-        round_.start()  # … and waits behind this uncommitted enrolment
-        assert wait_until(lambda: sessions(pg_dsn, door_id, waiting=True) == 1, AGENT_WAIT_S)
-        with kiosk_store.edit():
-            kiosk_store.add_person("dave", embedding_of(8))
-    round_.join(AGENT_WAIT_S)
-    (report,) = reports
+
+    report = racing_round(replica, store, cfg, admin, pg_dsn, central_change,
+                          lambda kiosk_store: kiosk_store.add_person("dave", embedding_of(8)))
     line = "local enrolment of 'dave' dropped: the fleet gave the name to another person"
     assert (report.refused, report.pushed, report.added, report.updated) == ([line], {"renamed": 1}, [DAVE], [])
     assert fleet_lines(caplog, "fleet_refused") == [f"fleet_refused door={door_id} reason={line}"]
@@ -497,21 +509,16 @@ def test_a_removal_here_racing_a_central_change_is_not_undone(fleet, tmp_path, p
         bob = store.add_person("bob", embedding_of(2))
         carol = store.add_person("carol", embedding_of(3))
     sync(replica, cfg)
-    with store.edit():
-        store.rename("alice", "alicia")  # the next round pushes this rename …
-    kiosk_store = Store.open(store.path, fingerprint=FINGERPRINT)
-    reports: list[SyncReport] = []
-    round_ = threading.Thread(target=lambda: reports.append(sync(replica, cfg)))
-    with admin.transaction():
+
+    def central_change():
         central.rename(admin, bob.id, "Bobby", central.CENTRAL)
         central.rename(admin, carol.id, "Caroline", central.CENTRAL)
-        round_.start()  # … and waits behind these uncommitted renames
-        assert wait_until(lambda: sessions(pg_dsn, door_id, waiting=True) == 1, AGENT_WAIT_S)
-        with kiosk_store.edit():
-            kiosk_store.remove("bob")
-            kiosk_store.rename("carol", "Carrie")
-    round_.join(AGENT_WAIT_S)
-    (report,) = reports
+
+    def local_change(kiosk_store):
+        kiosk_store.remove("bob")
+        kiosk_store.rename("carol", "Carrie")
+
+    report = racing_round(replica, store, cfg, admin, pg_dsn, central_change, local_change)
     assert (report.pushed, report.added, report.updated) == ({"renamed": 1}, [], [carol.id])
     assert sorted(people(store)) == ["Caroline", "alicia"] and store.find("Caroline").id == carol.id
     time.sleep(cfg.sync_interval_s)  # the removal raced this round's own look at the store: the next full one sees it
