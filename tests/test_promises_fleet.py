@@ -453,6 +453,18 @@ def test_names_swapped_in_the_fleet_are_applied_without_a_clash(fleet, tmp_path)
     assert sync(replica, door_cfg("d1")).pushed == {}
 
 
+def synced_door(door_cfg, tmp_path: Path, names: list[str], **changes):
+    """A door of the test's own (door id: the schema's name), its people `names` enrolled here and synced once:
+    (config, replica, store, the people)."""
+    door_id = only_here(door_cfg)
+    cfg = door_cfg(door_id, **changes)
+    replica, store = door(door_cfg, tmp_path, door_id, **changes)
+    with store.edit():
+        persons = [store.add_person(name, embedding_of(i + 1)) for i, name in enumerate(names)]
+    sync(replica, cfg)
+    return cfg, replica, store, persons
+
+
 def racing_round(replica: Replica, store: Store, cfg, admin, pg_dsn: str, central_change, local_change) -> SyncReport:
     """One round made to race: alice's rename here gives it something to push; it then waits behind
     `central_change`, still uncommitted, while the kiosk's own handle on the store makes `local_change`."""
@@ -475,12 +487,8 @@ def racing_round(replica: Replica, store: Store, cfg, admin, pg_dsn: str, centra
 def test_a_local_enrolment_racing_a_sync_loses_its_name_to_the_fleet(fleet, tmp_path, pg_dsn, caplog):
     """A name enrolled here after the round read the store, given centrally meanwhile: the centre is the truth."""
     door_cfg, admin = fleet
-    door_id = only_here(door_cfg)
-    cfg = door_cfg(door_id)
-    replica, store = door(door_cfg, tmp_path, door_id)
-    with store.edit():
-        alice = store.add_person("alice", embedding_of(1))
-    sync(replica, cfg)
+    cfg, replica, store, (alice,) = synced_door(door_cfg, tmp_path, ["alice"])
+    door_id = cfg.door_id
     caplog.set_level(logging.INFO, logger="edge.fleet")
 
     def central_change():
@@ -501,14 +509,9 @@ def test_a_removal_here_racing_a_central_change_is_not_undone(fleet, tmp_path, p
     them pulled in the same round must not bring them back; the next round erases them everywhere. (A local rename
     racing a central one yields to it: the centre is the truth.)"""
     door_cfg, admin = fleet
-    door_id = only_here(door_cfg)
-    cfg = door_cfg(door_id, sync_interval_s=0.5)
-    replica, store = door(door_cfg, tmp_path, door_id, sync_interval_s=0.5)
-    with store.edit():
-        store.add_person("alice", embedding_of(1))
-        bob = store.add_person("bob", embedding_of(2))
-        carol = store.add_person("carol", embedding_of(3))
-    sync(replica, cfg)
+    cfg, replica, store, (_, bob, carol) = synced_door(door_cfg, tmp_path, ["alice", "bob", "carol"],
+                                                        sync_interval_s=0.5)
+    door_id = cfg.door_id
 
     def central_change():
         central.rename(admin, bob.id, "Bobby", central.CENTRAL)
@@ -531,12 +534,8 @@ def test_what_was_pushed_before_a_round_broke_off_is_not_sent_again(fleet, tmp_p
     """Each central change commits on its own and its agreement is kept at once: a link lost later in the round
     (here while the pull waits behind a lock) leaves nothing to send twice."""
     door_cfg, admin = fleet
-    door_id = only_here(door_cfg)
-    cfg = door_cfg(door_id)
-    replica, store = door(door_cfg, tmp_path, door_id)
-    with store.edit():
-        alice = store.add_person("alice", embedding_of(1))
-    sync(replica, cfg)
+    cfg, replica, store, (alice,) = synced_door(door_cfg, tmp_path, ["alice"])
+    door_id = cfg.door_id
     with store.edit():
         store.rename("alice", "Alicia")
     errors: list[Exception] = []
