@@ -99,7 +99,8 @@ def time_face_recognition(frames) -> dict:
 
 
 def time_door_loop(config: Config, pipeline, video: Path, frame_limit: int | None) -> dict:
-    """The door loop's own per-frame work (`Kiosk.step`: detect, track, landmarks/align/embed for the faces that still
+    """The door loop's own per-frame work (`Kiosk.step`: detect (a whole scan, or following the faces of the previous
+    frame: `whole_scans` counts the former), track, landmarks/align/embed for the faces that still
     need it, fuse, match, liveness, decide, door) on the 640-px frames, with a simulated door and an empty store:
     everyone at the door is a stranger, so each track is embedded every frame until a full vote window says
     unknown, then every `decide.unknown_refresh_frames` frames or when the face came closer. `faces_embedded`
@@ -124,7 +125,7 @@ def time_door_loop(config: Config, pipeline, video: Path, frame_limit: int | Non
 
             loop.liveness.observe = timed_observe
         per_stage = {stage: [] for stage in STAGES + ("liveness", "rest")}
-        totals, seen, embedded, with_face = [], 0, 0, 0
+        totals, seen, embedded, with_face, whole = [], 0, 0, 0, 0
         for index, (image, decode_ms) in enumerate(video_frames(video, limit=frame_limit)):
             liveness_ms[0] = 0.0
             start = time.perf_counter()
@@ -140,11 +141,13 @@ def time_door_loop(config: Config, pipeline, video: Path, frame_limit: int | Non
             seen += len(loop.last_faces)
             embedded += sum(face.embedding is not None for face in loop.last_faces)
             with_face += bool(loop.last_faces)
+            whole += pipeline.detector.last_whole
     return {
         "frames": len(totals),
         "frames_with_face": with_face,
         "faces_seen": seen,
         "faces_embedded": embedded,
+        "whole_scans": whole,
         "events": {name: n for name, n in sorted(loop.counts.items())},
         "stage_ms_median": {s: round(statistics.median(v), 2) for s, v in per_stage.items()},
         "stage_ms_mean": {s: round(statistics.fmean(v), 2) for s, v in per_stage.items()},
@@ -189,8 +192,9 @@ def format_report(report: dict) -> str:
         stages = "  ".join(f"{s} {v:.1f}" for s, v in loop["stage_ms_median"].items())
         means = "  ".join(f"{s} {v:.1f}" for s, v in loop["stage_ms_mean"].items())
         lines.append(
-            f"{key} ({label}): {loop['frames']} frames, face in {loop['frames_with_face']}, {loop['faces_embedded']} "
-            f"of {loop['faces_seen']} faces embedded; events {loop['events']}\n"
+            f"{key} ({label}): {loop['frames']} frames ({loop['whole_scans']} scanned whole, the rest following faces), "
+            f"face in {loop['frames_with_face']}, {loop['faces_embedded']} of {loop['faces_seen']} faces embedded; "
+            f"events {loop['events']}\n"
             f"  medians ms: {stages}; total {loop['total_ms_median']:.1f}\n"
             f"  means ms:   {means}; total {loop['total_ms_mean']:.1f}"
         )

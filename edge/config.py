@@ -32,6 +32,11 @@ class DetectorConfig(Section):
         1.2, ge=1.0, le=2.0,
         description="a wide (tall) camera frame reaches the SSD 300 px high (wide), up to 300 × this wide (high); photos 300×300",
     )
+    scan_every_s: float = Field(
+        0.2, ge=0.0, le=10.0,
+        description="door loop: the whole frame is scanned at least this often; between scans each face is looked for "
+                    "only around where it was (README, Speed); a newcomer is found within this time; 0 = every frame",
+    )
 
 
 class EmbedderConfig(Section):

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from edge.config import DecideConfig
 from edge.fuse import TrackTemplate
 from edge.liveness import FAIL, LIVENESS_OFF, PASS, LivenessVerdict
-from edge.types import Match
-
-Box = tuple[float, float, float, float]
+from edge.types import Box, Match, iou
 
 
 @dataclass(frozen=True)
@@ -55,15 +53,6 @@ class Track:
     def settled_unknown(self) -> bool:
         """Every vote in a full window says unknown: nobody enrolled is close to this face."""
         return len(self.votes) == self.votes.maxlen and all(vote is None for vote in self.votes)
-
-
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two (left, top, right, bottom) boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 class Decider:

@@ -16,7 +16,7 @@ import numpy as np
 
 from edge.config import DetectorConfig
 from edge.errors import ModelError
-from edge.types import Face
+from edge.types import Box, Face, iou
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,11 @@ METADATA_KEY = "ssd_postprocess"  # where engines.ssd_to_onnx stores the PriorBo
 ROW_WIDTH = 7
 PHOTO_PRECISION = "fp32"  # see FaceDetector.detect
 TILE_SCALE = 2  # thorough search: tiles of 2 × max_side_px, each downscaled by 2 instead of by the whole photo
-TILE_OVERLAP = 0.25  # so that a face cut by one tile's edge lies whole in its neighbour  # image_id, label, score, x1, y1, x2, y2
+TILE_OVERLAP = 0.25  # so that a face cut by one tile's edge lies whole in its neighbour
+# Following a face (detect_near): the SSD sees a square crop FOLLOW_CROP_SCALE times the face's longer side, centred on
+# where it was, at FOLLOW_INPUT_PX square: the face fills about a third of the input whatever its size in the frame.
+FOLLOW_CROP_SCALE = 3.0
+FOLLOW_INPUT_PX = 128
 
 
 class FaceDetector:
@@ -41,6 +45,8 @@ class FaceDetector:
         self.models_dir = Path(models_dir)
         self.config = config or DetectorConfig()
         self._ssd: dict[str, OpenCVSSD | OnnxRuntimeSSD] = {}  # by precision, each opened when first needed
+        self.last_whole = True  # whether the latest detect_near had to scan the whole image
+        self.following: list[Box] = []  # the boxes the latest detect_near says to follow next (see there)
 
     @property
     def backend(self) -> str:
@@ -70,6 +76,36 @@ class FaceDetector:
             return self._detect_tiled(image)
         return self._detect_whole(image, self.config.precision, self.config.max_input_aspect)
 
+    def detect_near(self, image: np.ndarray, boxes: Sequence[Box]) -> list[Face]:
+        """The faces of a camera frame, looked for only near `boxes` (the faces followed from the previous frame):
+        each in its own crop (follow_crop), the face found there that overlaps it most taken as where it went. If any
+        of them is not found there, or `boxes` is empty, the whole frame is scanned as `detect` does instead;
+        `last_whole` says which happened. A face new to the frame is therefore found only by a whole scan (the door
+        loop runs one every detector.scan_every_s). `following` holds the boxes to follow in the next frame: a face
+        re-found narrower than min_face_px is not returned but still followed (it is there, only too small yet).
+        A crop costs a fraction of the whole frame (128 × 128 against 360 × 300 px) and sees a small face larger
+        than the whole frame's squashed copy does, so it misses fewer of them."""
+        seen = [self._refind(image, box) for box in boxes]
+        if seen and all(face is not None for face in seen):
+            self.last_whole, self.following = False, [f.box for f in merge(seen, self.config)]
+            return merge([f for f in seen if f.width_px >= self.config.min_face_px], self.config)
+        found = self.detect(image)
+        self.last_whole, self.following = True, [f.box for f in found]
+        return found
+
+    def _refind(self, image: np.ndarray, box: Box) -> Face | None:
+        """The face in box's crop that overlaps box most, of any width (None when no face there overlaps it)."""
+        height, width = image.shape[:2]
+        input_w, input_h = input_size(height, width, self.config.max_input_aspect)
+        left, top, right, bottom = follow_crop(box, width, height, (input_w / width, input_h / height))
+        blob = cv2.dnn.blobFromImage(image[top:bottom, left:right], 1.0, (FOLLOW_INPUT_PX, FOLLOW_INPUT_PX), MEAN_BGR,
+                                     swapRB=False, crop=False)
+        raw = self._load(self.config.precision).rows(blob, min_score=self.config.confidence)
+        faces = [Face(box=(f.box[0] + left, f.box[1] + top, f.box[2] + left, f.box[3] + top), score=f.score)
+                 for f in decode(raw, right - left, bottom - top, self.config, min_face_px=0)]
+        overlaps = [iou(f.box, box) for f in faces]
+        return max(zip(overlaps, faces), key=lambda of: of[0])[1] if any(o > 0 for o in overlaps) else None
+
     def _detect_whole(self, image: np.ndarray, precision: str, max_aspect: float) -> list[Face]:
         height, width = image.shape[:2]
         blob = preprocess(image, self.config.max_side_px, max_aspect)
@@ -89,6 +125,19 @@ class FaceDetector:
                     for f in self._detect_whole(tile, PHOTO_PRECISION, 1.0)
                 ]
         return merge(found, self.config)
+
+
+def follow_crop(box: Box, width: int, height: int, squash_xy: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the crop in which a followed face is looked for. `squash_xy` is how the whole
+    frame is scaled on its way into the SSD (x, y); the crop is squashed the same way (it reaches the SSD square), so
+    a face's box has the same shape whether found by a whole scan or followed. In the SSD's view the crop is
+    FOLLOW_CROP_SCALE × the face's longer side, centred on it; it is moved (not cut) to lie inside the image and cut
+    only where the image is smaller."""
+    side = FOLLOW_CROP_SCALE * max((box[2] - box[0]) * squash_xy[0], (box[3] - box[1]) * squash_xy[1])
+    crop_w, crop_h = min(round(side / squash_xy[0]), width), min(round(side / squash_xy[1]), height)
+    left = min(max(round((box[0] + box[2] - crop_w) / 2), 0), width - crop_w)
+    top = min(max(round((box[1] + box[3] - crop_h) / 2), 0), height - crop_h)
+    return left, top, left + crop_w, top + crop_h
 
 
 def input_size(height: int, width: int, max_aspect: float = 1.0) -> tuple[int, int]:
@@ -249,8 +298,9 @@ def detection_output(
     return rows[np.argsort(-rows[:, 2], kind="stable")][:keep_top_k]
 
 
-def decode(raw: np.ndarray, width: int, height: int, config: DetectorConfig) -> list[Face]:
-    """SSD rows (_, _, score, x1, y1, x2, y2 in [0, 1]) → filtered, clipped, NMS-merged faces, largest first."""
+def decode(raw: np.ndarray, width: int, height: int, config: DetectorConfig, *, min_face_px: int | None = None) -> list[Face]:
+    """SSD rows (_, _, score, x1, y1, x2, y2 in [0, 1]) → filtered, clipped, NMS-merged faces, largest first; faces
+    narrower than min_face_px (config.min_face_px unless given) are left out."""
     rows = raw[raw[:, 2] >= config.confidence]
     if len(rows) == 0:
         return []
@@ -268,7 +318,7 @@ def decode(raw: np.ndarray, width: int, height: int, config: DetectorConfig) -> 
     scores = scores[ok]
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width - 1)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height - 1)
-    keep_size = (boxes[:, 2] - boxes[:, 0]) >= config.min_face_px
+    keep_size = (boxes[:, 2] - boxes[:, 0]) >= (config.min_face_px if min_face_px is None else min_face_px)
     return merge([Face(box=tuple(float(v) for v in b), score=float(s)) for b, s in zip(boxes[keep_size], scores[keep_size])],
                  config)
 

@@ -32,6 +32,8 @@ DISTINCT_FRAME_L2 = 0.05
 AUTO_UPDATE_SOURCE = "auto-update"
 # A settled-unknown track is embedded again as soon as its face is this much wider than at its latest embedding.
 REFRESH_WIDER = 1.1
+# Frame times are sums of floats: 8/25 - 3/25 comes out a hair under 0.2 s. Intervals are compared with this slack.
+FRAME_TIME_EPS_S = 1e-6
 
 
 class StopRequest:
@@ -86,6 +88,8 @@ class Kiosk:
         self._candidates: list[EmbeddedFace] = []
         self._admin_seen_s = float("-inf")
         self._last_store_check = float("-inf")
+        self._scanned_s = float("-inf")  # frame time of the latest whole-frame scan
+        self._following: list = []  # boxes to look for in the next frame (FaceDetector.detect_near)
         self._frame_wall: OrderedDict[int, float] = OrderedDict()
         self.latencies_ms: list[float] = []
         self.press_button_at = press_button_at
@@ -129,9 +133,12 @@ class Kiosk:
         while len(self._frame_wall) > RECENT_FRAMES:
             self._frame_wall.popitem(last=False)
         self._reload_store()
-        found = self.pipeline.detect(frame.image)
-        tracks = self.decider.track([f.box for f in found], frame.index)
         capturing = self._button.is_set() or self._capture_left > 0  # button enrolment looks at every face
+        found = self.pipeline.detect(frame.image, near=[] if capturing else self._followed(frame))
+        if self.pipeline.detector.last_whole:
+            self._scanned_s = frame.t_s
+        self._following = self.pipeline.detector.following
+        tracks = self.decider.track([f.box for f in found], frame.index)
         chosen = [i for i, (track, face) in enumerate(zip(tracks, found)) if capturing or self._needs_embedding(track, face)]
         embedded = dict(zip(chosen, self.pipeline.embed_faces(frame.image, [found[i] for i in chosen])))
         faces = [embedded.get(i) or EmbeddedFace(face=face, chip=None, embedding=None) for i, face in enumerate(found)]
@@ -152,6 +159,13 @@ class Kiosk:
             self.live.update(frame, faces, shown, door_unlocked=self.door.is_unlocked, counts=self.counts,
                              fps=self.recent_fps())
         return events
+
+    def _followed(self, frame: Frame) -> list:
+        """The boxes of the faces followed from the previous frame, to be looked for only around where they were
+        (FaceDetector.detect_near); none, so the whole frame is scanned, when `detector.scan_every_s` has passed since
+        the latest whole scan (or time went backwards: another stream)."""
+        since = frame.t_s - self._scanned_s
+        return list(self._following) if 0 <= since < self.config.detector.scan_every_s - FRAME_TIME_EPS_S else []
 
     def _needs_embedding(self, track, face) -> bool:
         """Whether this frame's face of the track must be embedded. An unlocked track is decided (the same track

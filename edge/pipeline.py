@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from edge.config import Config
 from edge.detect import FaceDetector
 from edge.embed import CHIP_PX, Embedder, create_embedder
 from edge.landmarks import LandmarkPredictor, predictor_boxes
-from edge.types import EmbeddedFace, Face
+from edge.types import Box, EmbeddedFace, Face
 
 LANDMARKS_FILE = "shape_predictor_5_face_landmarks.npz"
 
@@ -34,11 +35,13 @@ class Pipeline:
         self.last_ms[stage] = self.last_ms.get(stage, 0.0) + (now - start) * 1e3
         return now
 
-    def detect(self, image: np.ndarray, *, thorough: bool = False) -> list[Face]:
-        """Face boxes without landmarks, largest first (the door loop asks for landmarks only where it embeds)."""
+    def detect(self, image: np.ndarray, *, thorough: bool = False, near: Sequence[Box] | None = None) -> list[Face]:
+        """Face boxes without landmarks, largest first (the door loop asks for landmarks only where it embeds).
+        With `near` (a camera frame, the boxes of the faces followed from the previous frame), see
+        FaceDetector.detect_near."""
         self.last_ms = {}
         start = time.perf_counter()
-        found = self.detector.detect(image, thorough=thorough)
+        found = self.detector.detect(image, thorough=thorough) if near is None else self.detector.detect_near(image, near)
         self._tick("detect", start)
         return found
 

@@ -5,6 +5,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two (left, top, right, bottom) boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -19,7 +30,7 @@ class Frame:
 class Face:
     """A detected face: box (left, top, right, bottom) in pixels, detector score, 5 landmarks (5,2) or None."""
 
-    box: tuple[float, float, float, float]
+    box: Box
     score: float
     landmarks: np.ndarray | None = None
 

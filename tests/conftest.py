@@ -21,13 +21,22 @@ MODEL_FILES = (
 SHARED_DATA = Path(os.environ.get("EDGE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+class WholeFrames:
+    """The `detector` of a pipeline double: every frame counts as scanned whole, and no face is followed into the next
+    (so the door loop asks for whole frames only)."""
+
+    last_whole = True
+    following: list = []
+
+
 class AnalyzeFake:
     """Base of pipeline doubles that define `analyze(image)` → EmbeddedFaces: serves the door loop's two phases
     (`detect`, then `embed_faces` for the faces the loop chose to embed) from it and counts the faces embedded."""
 
     embedded = 0
+    detector = WholeFrames()
 
-    def detect(self, image):
+    def detect(self, image, near=None):
         self._analyzed = self.analyze(image)
         return [f.face for f in self._analyzed]
 

@@ -173,8 +173,13 @@ SIGTERM_CHILD = textwrap.dedent(
     chip = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)  # textured: a flat chip would
     face = EmbeddedFace(Face((0, 0, 100, 100), 0.99), chip, np.ones(128, np.float32))  # weigh 0 in track fusion
 
+    class WholeFrames:  # every frame scanned whole, as conftest's
+        last_whole, following = True, []
+
     class Pipeline:
-        def detect(self, image):
+        detector = WholeFrames()
+
+        def detect(self, image, near=None):
             return [face.face]
 
         def embed_faces(self, image, faces):
