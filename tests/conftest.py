@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_VIDEO = ROOT / "samples" / "video" / "walk_toward_camera.mp4"
+SAMPLE_VIDEO_FRAMES = 105
 MODEL_FILES = (
     "deploy.prototxt",
     "res10_300x300_ssd_iter_140000.caffemodel",
@@ -159,3 +161,22 @@ def pairs_accuracy(backend, pair_chips, onnx_sha: str) -> float:
     vectors = Embedder(backend, onnx_sha256=onnx_sha).embed(np.stack([chips[p] for p in paths]))
     distances = pair_distances(pairs, dict(zip(paths, vectors)))
     return accuracy_at(distances, np.array([pair.same for pair in pairs]), Config().match.threshold_l2)
+
+
+@pytest.fixture(scope="session")
+def video_frames_640() -> list:
+    """Every frame of the bundled sample video, resized to 640 px wide as the door loop's camera delivers them."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(SAMPLE_VIDEO))
+    images = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        height, width = frame.shape[:2]
+        size = (640, round(height * 640 / width))
+        images.append(cv2.resize(frame, size, interpolation=cv2.INTER_AREA))
+    capture.release()
+    assert len(images) == SAMPLE_VIDEO_FRAMES, f"could not read {SAMPLE_VIDEO}"
+    return images

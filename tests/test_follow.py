@@ -22,25 +22,9 @@ from edge.store import Store
 from edge.types import EmbeddedFace, Face, Frame, iou
 
 ROOT = Path(__file__).resolve().parents[1]
-VIDEO = ROOT / "samples" / "video" / "walk_toward_camera.mp4"
 PHOTOS = ROOT / "samples" / "photos"
 FPS = 25.0
 SQUASH_640x360 = (360 / 640, 300 / 360)  # how a 640×360 frame reaches the SSD (input_size: 360×300)
-
-
-@pytest.fixture(scope="module")
-def frames() -> list[np.ndarray]:
-    """The sample video at 640 px wide, as the door loop sees it."""
-    capture = cv2.VideoCapture(str(VIDEO))
-    images = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        images.append(cv2.resize(frame, (640, 360), interpolation=cv2.INTER_AREA))
-    capture.release()
-    assert len(images) == 105
-    return images
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +64,12 @@ def test_a_crop_larger_than_the_image_is_the_whole_image():
 
 # ---- the real SSD on the sample video -------------------------------------------------------------------------------
 
-def test_a_followed_face_is_found_where_the_whole_scan_finds_it(detector, frames):
+def test_a_followed_face_is_found_where_the_whole_scan_finds_it(detector, video_frames_640):
     """Every pair of consecutive frames with one face each: the face of the first, looked for in the second only
     around where it was, is where a whole scan of the second finds it (measured: 72 pairs, IoU 0.74–0.98, median
     0.88; one lost, one found narrower than min_face_px)."""
     pairs, overlaps, whole_scans = 0, [], 0
-    for before, after in zip(frames, frames[1:]):
+    for before, after in zip(video_frames_640, video_frames_640[1:]):
         previous, now = detector.detect(before), detector.detect(after)
         if len(previous) != 1 or len(now) != 1:
             continue
@@ -100,8 +84,8 @@ def test_a_followed_face_is_found_where_the_whole_scan_finds_it(detector, frames
     assert min(overlaps) > 0.6 and np.median(overlaps) > 0.8
 
 
-def test_no_face_near_a_box_means_the_whole_frame_is_scanned(detector, frames):
-    frame = next(f for f in frames if len(detector.detect(f)) == 1)
+def test_no_face_near_a_box_means_the_whole_frame_is_scanned(detector, video_frames_640):
+    frame = next(f for f in video_frames_640 if len(detector.detect(f)) == 1)
     whole = detector.detect(frame)
     face = whole[0].box
     empty_corner = (0.0, 0.0, 40.0, 50.0) if face[0] > 200 else (590.0, 0.0, 630.0, 50.0)
@@ -141,21 +125,22 @@ def scans(pipeline: Pipeline, config: Config, images: list[np.ndarray]) -> tuple
     return whole, with_face
 
 
-def test_the_door_loop_follows_between_whole_scans_at_least_every_scan_every_s(pipeline, frames):
+def test_the_door_loop_follows_between_whole_scans_at_least_every_scan_every_s(pipeline, video_frames_640):
     config = pipeline.config
-    whole, with_face = scans(pipeline, config, frames)
+    whole, with_face = scans(pipeline, config, video_frames_640)
     scanned_at = [i for i, w in enumerate(whole) if w]
     most_frames_apart = math.ceil(config.detector.scan_every_s * FPS)
     assert max(b - a for a, b in zip(scanned_at, scanned_at[1:])) <= most_frames_apart
-    assert whole.count(False) >= 50  # measured: 70 of 105 frames followed, the rest scanned whole
+    print(f"followed {whole.count(False)} of {len(whole)} frames, face in {with_face}")
+    assert whole.count(False) >= 50  # measured: 77 of 105 frames followed, the rest scanned whole
     assert with_face >= 88  # measured: 90, as many as whole scans of every frame find
 
 
-def test_scan_every_s_zero_scans_every_frame_whole(pipeline, frames):
+def test_scan_every_s_zero_scans_every_frame_whole(pipeline, video_frames_640):
     config = pipeline.config.model_copy(update={"detector": pipeline.config.detector.model_copy(update={"scan_every_s": 0.0})})
-    whole, with_face = scans(pipeline, config, frames[:30])
+    whole, with_face = scans(pipeline, config, video_frames_640[:30])
     assert all(whole)
-    assert with_face == sum(bool(pipeline.detector.detect(f)) for f in frames[:30])
+    assert with_face == sum(bool(pipeline.detector.detect(f)) for f in video_frames_640[:30])
 
 
 def face_tile(detector: FaceDetector, name: str, face_px: int = 70) -> np.ndarray:

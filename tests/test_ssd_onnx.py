@@ -47,7 +47,6 @@ from engines.ssd_to_onnx import (
     translate,
 )
 
-VIDEO = Path(__file__).resolve().parents[1] / "samples" / "video" / "walk_toward_camera.mp4"
 FRAME_WIDTH_PX = 640
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
 RAW_ROWS = 50
@@ -311,20 +310,8 @@ def ort_ssd(onnx_path) -> OnnxRuntimeSSD:
 
 
 @pytest.fixture(scope="module")
-def frames() -> list[np.ndarray]:
-    """Every frame of the sample video, resized to 640 px wide as the camera delivers them."""
-    capture = cv2.VideoCapture(str(VIDEO))
-    images = []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        height, width = frame.shape[:2]
-        size = (FRAME_WIDTH_PX, round(height * FRAME_WIDTH_PX / width))
-        images.append(cv2.resize(frame, size, interpolation=cv2.INTER_AREA))
-    capture.release()
-    assert len(images) > 50, f"could not read {VIDEO}"
-    return images
+def frames(video_frames_640) -> list[np.ndarray]:
+    return video_frames_640
 
 
 def test_conversion_is_valid_deterministic_and_named_as_documented(onnx_path, models_dir, tmp_path):
