@@ -85,10 +85,16 @@ class FaceDetector:
         re-found narrower than min_face_px is not returned but still followed (it is there, only too small yet).
         A crop costs a fraction of the whole frame (128 × 128 against 360 × 300 px) and sees a small face larger
         than the whole frame's squashed copy does, so it misses fewer of them."""
-        seen = [self._refind(image, box) for box in boxes]
-        if seen and all(face is not None for face in seen):
-            self.last_whole, self.following = False, [f.box for f in merge(seen, self.config)]
-            return merge([f for f in seen if f.width_px >= self.config.min_face_px], self.config)
+        seen = []
+        for box in boxes:
+            face = self._refind(image, box)
+            if face is None:  # lost: the whole scan below looks for every face anyway
+                break
+            seen.append(face)
+        else:
+            if seen:
+                self.last_whole, self.following = False, [f.box for f in merge(seen, self.config)]
+                return merge([f for f in seen if f.width_px >= self.config.min_face_px], self.config)
         found = self.detect(image)
         self.last_whole, self.following = True, [f.box for f in found]
         return found

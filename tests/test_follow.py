@@ -98,6 +98,19 @@ def test_no_face_near_a_box_means_the_whole_frame_is_scanned(detector, video_fra
     assert not detector.last_whole and len(found) == 1 and detector.following == [found[0].box]
 
 
+def test_once_a_followed_face_is_lost_no_further_crop_is_searched(models_dir, video_frames_640):
+    counting = FaceDetector(models_dir=models_dir)
+    frame = next(f for f in video_frames_640 if len(counting.detect(f)) == 1)
+    face = counting.detect(frame)[0].box
+    ssd = counting._load(counting.config.precision)
+    calls = []
+    rows = ssd.rows
+    ssd.rows = lambda blob, **kw: calls.append(blob.shape[2:]) or rows(blob, **kw)
+    empty_corner = (0.0, 0.0, 40.0, 50.0) if face[0] > 200 else (590.0, 0.0, 630.0, 50.0)
+    counting.detect_near(frame, [empty_corner, face])
+    assert calls == [(128, 128), (300, 360)]  # the lost crop, then the whole frame; not the face's crop
+
+
 def test_a_face_refound_narrower_than_min_face_px_is_followed_but_not_returned(models_dir, detector):
     frame = cv2.resize(load_image(PHOTOS / "obama.jpg"), (640, 800), interpolation=cv2.INTER_AREA)
     box = detector.detect(frame)[0].box
