@@ -3,6 +3,7 @@
 Both backends return cv2.dnn's DetectionOutput rows (image_id, label, score, x1, y1, x2, y2 in [0, 1]).
 cv2.dnn runs the whole Caffe net; ONNX Runtime runs the backbone and heads converted by engines.ssd_to_onnx,
 and the PriorBox and DetectionOutput layers are done here in numpy from the parameters in the model's metadata.
+The door loop scans whole frames only now and then and follows each face in a small crop between (detect_near).
 """
 from __future__ import annotations
 
