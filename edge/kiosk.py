@@ -89,7 +89,6 @@ class Kiosk:
         self._admin_seen_s = float("-inf")
         self._last_store_check = float("-inf")
         self._scanned_s = float("-inf")  # frame time of the latest whole-frame scan
-        self._following: list = []  # boxes to look for in the next frame (FaceDetector.detect_near)
         self._frame_wall: OrderedDict[int, float] = OrderedDict()
         self.latencies_ms: list[float] = []
         self.press_button_at = press_button_at
@@ -137,7 +136,6 @@ class Kiosk:
         found = self.pipeline.detect(frame.image, near=[] if capturing else self._followed(frame))
         if self.pipeline.detector.last_whole:
             self._scanned_s = frame.t_s
-        self._following = self.pipeline.detector.following
         tracks = self.decider.track([f.box for f in found], frame.index)
         chosen = [i for i, (track, face) in enumerate(zip(tracks, found)) if capturing or self._needs_embedding(track, face)]
         embedded = dict(zip(chosen, self.pipeline.embed_faces(frame.image, [found[i] for i in chosen])))
@@ -165,7 +163,9 @@ class Kiosk:
         (FaceDetector.detect_near); none, so the whole frame is scanned, when `detector.scan_every_s` has passed since
         the latest whole scan (or time went backwards: another stream)."""
         since = frame.t_s - self._scanned_s
-        return list(self._following) if 0 <= since < self.config.detector.scan_every_s - FRAME_TIME_EPS_S else []
+        if not 0 <= since < self.config.detector.scan_every_s - FRAME_TIME_EPS_S:
+            return []
+        return list(self.pipeline.detector.following)
 
     def _needs_embedding(self, track, face) -> bool:
         """Whether this frame's face of the track must be embedded. An unlocked track is decided (the same track
